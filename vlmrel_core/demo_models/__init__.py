@@ -1,0 +1,1 @@
+"""Building and training the two embedded VLMs (late fusion: LLaVA; early fusion: PaliGemma)."""

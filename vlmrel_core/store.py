@@ -1,0 +1,190 @@
+"""The extraction cache: sharded safetensors (tensors) + parquet (rows) + a JSON manifest; resumable.
+
+Why this layout: memory stays flat in the dataset size (one shard in memory at a time), a killed run resumes
+without losing or duplicating a row (a shard counts only once the manifest names it, and the manifest is replaced
+atomically), and nothing is ever unpickled (safetensors, parquet and JSON only), so a cache from elsewhere is safe
+to open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.numpy import load_file, save_file
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A run directory that cannot be used as asked (mismatch, corruption), said in words."""
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    n_rows: int = Field(ge=0)
+
+
+class RunManifest(BaseModel):
+    """What produced a run: checked on resume and by every probe trained on it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    schema_version: int = SCHEMA_VERSION
+    model_source: str
+    model_type: str
+    family: str
+    fusion: str
+    model_fingerprint: str
+    n_layers: int
+    hidden_size: int
+    layers: list[int]
+    poolings: list[str]
+    attentions: bool
+    attn_implementation: str
+    dtype: str
+    dataset_path: str
+    dataset_hash: str
+    n_samples: int
+    answer_tokens: dict[str, list[Any]]
+    normalization: str
+    max_new_tokens: int
+    shards: list[ShardInfo] = Field(default_factory=list)
+    state_dtype: str = "float16"
+    vlmrel_version: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must match for a resume to continue the same extraction."""
+        return self.model_dump(exclude={"shards", "vlmrel_version", "dataset_path", "model_source"})
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir: str | Path) -> RunManifest:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{run_dir} is not an extraction run (no {MANIFEST})")
+    try:
+        return RunManifest.model_validate_json(path.read_text())
+    except ValidationError as err:
+        raise CacheError(f"{path} is not a valid vlmrel manifest: {err}") from err
+
+
+class RunWriter:
+    """Appends shards to a run directory; resumes a compatible one, refuses an incompatible one."""
+
+    def __init__(self, run_dir: str | Path, manifest: RunManifest):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / MANIFEST
+        if path.exists():
+            existing = read_manifest(self.run_dir)
+            if existing.identity() != manifest.identity():
+                diff = sorted(k for k, v in manifest.identity().items() if existing.identity().get(k) != v)
+                raise CacheError(
+                    f"{self.run_dir} holds a different extraction (differs in: {', '.join(diff)}); "
+                    "use another --out directory"
+                )
+            manifest = existing
+        self.manifest = manifest
+        self._remove_orphans()
+        _atomic_write_text(path, self.manifest.model_dump_json(indent=1))
+
+    def _remove_orphans(self) -> None:
+        """Files of a shard that was being written when the process died: not in the manifest, so redo them."""
+        known = {s.name for s in self.manifest.shards}
+        for file in self.run_dir.glob("shard-*"):
+            stem = file.name.split(".")[0]
+            if stem not in known:
+                file.unlink()
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for shard in self.manifest.shards:
+            done.update(pd.read_parquet(self.run_dir / f"{shard.name}.parquet", columns=["sample_id"])["sample_id"])
+        return done
+
+    def write_shard(self, rows: pd.DataFrame, tensors: dict[str, np.ndarray]) -> None:
+        if "sample_id" not in rows.columns:
+            raise ValueError("rows need a sample_id column")
+        for name, array in tensors.items():
+            if array.shape[0] != len(rows):
+                raise ValueError(f"tensor {name} has {array.shape[0]} rows, the shard has {len(rows)}")
+        name = f"shard-{len(self.manifest.shards):05d}"
+        tmp_parquet = self.run_dir / f"{name}.parquet.tmp"
+        tmp_tensors = self.run_dir / f"{name}.safetensors.tmp"
+        rows.reset_index(drop=True).to_parquet(tmp_parquet, index=False)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_tensors))
+        os.replace(tmp_parquet, self.run_dir / f"{name}.parquet")
+        os.replace(tmp_tensors, self.run_dir / f"{name}.safetensors")
+        self.manifest.shards.append(ShardInfo(name=name, n_rows=len(rows)))
+        _atomic_write_text(self.run_dir / MANIFEST, self.manifest.model_dump_json(indent=1))
+
+
+class RunReader:
+    """Read access to a finished (or partial) run: rows as a DataFrame, tensors per name, shard by shard."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.manifest = read_manifest(self.run_dir)
+        if not self.manifest.shards:
+            raise CacheError(f"{self.run_dir} has no finished shards yet")
+        self._rows: pd.DataFrame | None = None
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        if self._rows is None:
+            frames = []
+            for shard in self.manifest.shards:
+                path = self.run_dir / f"{shard.name}.parquet"
+                try:
+                    frame = pd.read_parquet(path)
+                except Exception as err:  # pyarrow raises several types for damaged files
+                    raise CacheError(f"cannot read {path}: {err}") from err
+                if len(frame) != shard.n_rows:
+                    raise CacheError(f"{path} has {len(frame)} rows, the manifest says {shard.n_rows}")
+                frames.append(frame)
+            self._rows = pd.concat(frames, ignore_index=True)
+        return self._rows
+
+    def iter_tensor(self, name: str) -> Iterator[np.ndarray]:
+        for shard in self.manifest.shards:
+            path = self.run_dir / f"{shard.name}.safetensors"
+            try:
+                tensors = load_file(str(path))
+            except Exception as err:
+                raise CacheError(f"cannot read {path}: {err}") from err
+            if name not in tensors:
+                raise CacheError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
+            yield tensors[name]
+
+    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
+        return np.concatenate([t.astype(dtype, copy=False) for t in self.iter_tensor(name)])
+
+    def states(self, pooling: str, layers: Sequence[int] | None = None) -> np.ndarray:
+        """(n, n_layers, d) float32 for the chosen decoder layers (indices as in the manifest's `layers`)."""
+        if pooling not in self.manifest.poolings:
+            raise CacheError(f"pooling {pooling!r} was not extracted; this run has {self.manifest.poolings}")
+        columns = None
+        if layers is not None:
+            missing = [l for l in layers if l not in self.manifest.layers]
+            if missing:
+                raise CacheError(f"layers {missing} were not extracted; this run has {self.manifest.layers}")
+            columns = [self.manifest.layers.index(l) for l in layers]
+        parts = []
+        for array in self.iter_tensor(f"states.{pooling}"):
+            parts.append((array if columns is None else array[:, columns]).astype(np.float32))
+        return np.concatenate(parts)
