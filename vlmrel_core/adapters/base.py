@@ -78,7 +78,8 @@ def normalize_answer(text: str, mode: NormalizationMode = "lenient") -> str:
     first = cleaned[0]
     if first in YES_WORDS:
         return "yes"
-    if first in NO_WORDS or (first in {"there", "it"} and "not" in cleaned[:4]) or "n't" in text.lower()[:20]:
+    negated = any(w in NO_WORDS for w in cleaned[1:4]) or "n't" in text.lower()[:20]
+    if first in NO_WORDS or (first in {"there", "it"} and negated):
         return "no"
     if first in {"there", "it"} and len(cleaned) > 1 and cleaned[1] in {"is", "are"}:
         return "yes"

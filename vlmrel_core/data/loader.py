@@ -57,7 +57,7 @@ def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None, check
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
+            where = f"{path}, line {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:

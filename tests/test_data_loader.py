@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from PIL import Image
+
+from vlmrel_core.data.loader import DatasetError, dataset_hash, load_vqa_jsonl
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def _write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_reads_pope_and_generic_keys(image_dir):
+    path = _write(image_dir / "d.jsonl", [
+        {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "Yes"},
+        {"question_id": 2, "image": "a.png", "question": "What colour?", "answer": "red", "question_type": "attribute"},
+    ])
+    samples = load_vqa_jsonl(path)
+    assert [s.label for s in samples] == ["yes", "red"]
+    assert samples[1].question == "What colour?"
+    assert samples[1].metadata == {"question_type": "attribute"}
+    assert samples[0].load_image().size == (8, 8)
+    assert len(dataset_hash(path, samples)) == 16
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: expected a JSON object"),
+        ({"question_id": 2, "image": "a.png", "label": "no"}, "line 2: missing text/question"),
+        ({"question_id": 2, "image": "missing.png", "text": "q?", "label": "no"}, "line 2: image not found"),
+        ({"question_id": 1, "image": "a.png", "text": "q?", "label": "no"}, "line 2: duplicate question_id"),
+    ],
+)
+def test_malformed_rows_name_the_line(image_dir, bad_row, message):
+    path = _write(image_dir / "d.jsonl", [{"question_id": 1, "image": "a.png", "text": "q?", "label": "yes"}, bad_row])
+    with pytest.raises(DatasetError, match=message):
+        load_vqa_jsonl(path)
+
+
+def test_unreadable_image_is_a_clear_error(image_dir):
+    (image_dir / "broken.png").write_bytes(b"not a png")
+    path = _write(image_dir / "d.jsonl", [{"question_id": 1, "image": "broken.png", "text": "q?", "label": "yes"}])
+    sample = load_vqa_jsonl(path)[0]
+    with pytest.raises(DatasetError, match="cannot read image"):
+        sample.load_image()
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_vqa_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DatasetError, match="no rows"):
+        load_vqa_jsonl(tmp_path / "empty.jsonl")

@@ -1,0 +1,108 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlmrel_core.extract import extract
+from vlmrel_core.store import CacheError, RunManifest, RunReader, RunWriter, read_manifest
+
+
+def _manifest(**overrides) -> RunManifest:
+    fields = dict(
+        model_source="m", model_type="llava", family="llava", fusion="late", model_fingerprint="abc", n_layers=2,
+        hidden_size=3, layers=[0, 1], poolings=["last_token"], attentions=False, attn_implementation="eager",
+        dtype="float32", dataset_path="d.jsonl", dataset_hash="h", n_samples=4,
+        answer_tokens={"yes_ids": [1], "no_ids": [2]}, normalization="lenient", max_new_tokens=4,
+    )
+    fields.update(overrides)
+    return RunManifest(**fields)
+
+
+def _shard(ids):
+    rows = pd.DataFrame({"sample_id": ids, "correct": [1] * len(ids)})
+    return rows, {"states.last_token": np.random.default_rng(0).normal(size=(len(ids), 2, 3)).astype(np.float16)}
+
+
+def test_write_read_roundtrip_and_resume(tmp_path):
+    writer = RunWriter(tmp_path, _manifest())
+    writer.write_shard(*_shard(["a", "b"]))
+    writer.write_shard(*_shard(["c"]))
+    again = RunWriter(tmp_path, _manifest())
+    assert again.done_ids() == {"a", "b", "c"}
+    reader = RunReader(tmp_path)
+    assert list(reader.rows["sample_id"]) == ["a", "b", "c"]
+    assert reader.states("last_token").shape == (3, 2, 3)
+    assert reader.states("last_token", layers=[1]).shape == (3, 1, 3)
+    with pytest.raises(CacheError, match="not extracted"):
+        reader.states("mean_image")
+    with pytest.raises(CacheError, match="layers \\[5\\]"):
+        reader.states("last_token", layers=[5])
+
+
+def test_a_different_extraction_is_refused(tmp_path):
+    RunWriter(tmp_path, _manifest())
+    with pytest.raises(CacheError, match="model_fingerprint"):
+        RunWriter(tmp_path, _manifest(model_fingerprint="other"))
+
+
+def test_orphaned_partial_shard_is_removed(tmp_path):
+    writer = RunWriter(tmp_path, _manifest())
+    writer.write_shard(*_shard(["a"]))
+    (tmp_path / "shard-00001.parquet").write_bytes(b"half written")
+    (tmp_path / "shard-00001.safetensors.tmp").write_bytes(b"half written")
+    RunWriter(tmp_path, _manifest())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00000.parquet", "shard-00000.safetensors"]
+
+
+def test_damaged_files_are_clear_errors_not_crashes(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "evil": "__reduce__"}))
+    with pytest.raises(CacheError, match="not a valid vlmrel manifest"):
+        read_manifest(tmp_path)
+    good = tmp_path / "good"
+    writer = RunWriter(good, _manifest())
+    writer.write_shard(*_shard(["a"]))
+    (good / "shard-00000.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CacheError, match="cannot read"):
+        RunReader(good).states("last_token")
+    with pytest.raises(CacheError, match="not an extraction run"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_extract_resumes_after_a_kill_without_losing_or_duplicating_rows(tmp_path, tiny_model_dirs, tiny_dataset):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlmrel_core.cli", "extract", "--model", str(tiny_model_dirs["late_fusion"]),
+           "--data", str(tiny_dataset), "--out", str(out), "--batch-size", "4", "--shard-size", "4", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "manifest.json").exists() and read_manifest(out).shards:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = len(read_manifest(out).shards)
+    assert 1 <= finished_before < 6, "the kill should land mid-run"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = RunReader(out).rows
+    assert len(rows) == 24 and rows["sample_id"].is_unique
+    assert set(rows["sample_id"]) == {str(i) for i in range(24)}
+
+
+def test_extract_in_process_matches_dataset(tmp_path, tiny_loaded, tiny_dataset):
+    run_dir = extract(tiny_loaded["early_fusion"], tiny_dataset, tmp_path / "r", batch_size=4, shard_size=8, limit=8)
+    reader = RunReader(run_dir)
+    rows = reader.rows
+    assert len(rows) == 8
+    assert {"answer", "correct", "label", "max_answer_prob", "top1_top2_margin", "question_type", "asked_object", "image_std"} <= set(rows.columns)
+    assert set(rows["label"]) <= {"yes", "no"}
+    assert reader.states("mean_image").shape == (8, 4, 128)
+    assert reader.tensor("attention_image").shape == (8, 4, 64)
+    assert reader.tensor("lens_logodds").shape == (8, 4)
+    assert reader.manifest.fusion == "early" and reader.manifest.attn_implementation == "eager"
