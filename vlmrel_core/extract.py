@@ -44,6 +44,7 @@ def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image],
     rows = []
     for i, sample in enumerate(samples):
         label = normalize_answer(sample.label, "lenient")
+        grid = record.image_grids[i]  # None: image tokens in tiles (Idefics3/SmolVLM), no single patch grid
         row = {
             "sample_id": sample.sample_id,
             "image": _relative(sample.image_path, dataset_root),
@@ -55,8 +56,8 @@ def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image],
             "correct": int(is_correct(record.answer[i], label)),
             "correct_strict": int(record.answer_strict[i] == label),
             "n_image_tokens": record.image_token_counts[i],
-            "grid_h": record.image_grids[i][0],
-            "grid_w": record.image_grids[i][1],
+            "grid_h": grid[0] if grid else -1,
+            "grid_w": grid[1] if grid else -1,
             "question_length": len(sample.question.split()),
         }
         for key in ("question_type", "split", "asked_object", "image_id"):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapters.base import AnswerTokens, NormalizationMode
+from .adapters.base import AnswerTokens, ImageGridUnavailable, NormalizationMode
 from .capture import POOLINGS, CaptureResult, TokenLayout, capture
 from .loading import LoadedVLM
 from .signals.output import output_signals
@@ -35,7 +35,7 @@ class BatchRecord:
     lens_logodds: np.ndarray | None  # (b, n_layers) yes-vs-no log-odds through final norm + unembedding
     attentions: list[np.ndarray] | None  # per sample (n_layers, n_image_tokens)
     image_token_counts: list[int]
-    image_grids: list[tuple[int, int]]
+    image_grids: list[tuple[int, int] | None]  # None: the adapter cannot lay the image tokens on one grid (tiles)
     timings: dict[str, float] = field(default_factory=dict)
     n_forward_calls: int = 0
 
@@ -112,7 +112,7 @@ def run_batch(
     output = output_signals(answer_logits, answer_tokens.yes_ids, answer_tokens.no_ids)
     output["mean_token_logprob"] = _mean_token_logprob(step_logits, new_tokens, loaded.tokenizer)
     lens = _logit_lens(loaded, captured.states["last_token"], answer_tokens) if logit_lens and "last_token" in poolings else None
-    grids = [adapter.image_grid(model, inputs, i, n) for i, n in enumerate(layout.image_token_counts)]
+    grids = [_image_grid_or_none(adapter, model, inputs, i, n) for i, n in enumerate(layout.image_token_counts)]
     t3 = time.perf_counter()
     return BatchRecord(
         answer_text=answer_text,
@@ -128,6 +128,17 @@ def run_batch(
         timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "postprocess_s": t3 - t2},
         n_forward_calls=captured.n_forward_calls,
     )
+
+
+def _image_grid_or_none(
+    adapter: Any, model: Any, inputs: dict[str, torch.Tensor], sample: int, n: int
+) -> tuple[int, int] | None:
+    """The sample's patch grid, or None when its image tokens form no single grid (Idefics3/SmolVLM tiles): states,
+    output signals and per-token attentions do not need one, so only the grid is missing, not the batch."""
+    try:
+        return adapter.image_grid(model, inputs, sample, n)
+    except ImageGridUnavailable:
+        return None
 
 
 def _mean_token_logprob(step_logits: torch.Tensor, new_tokens: torch.Tensor, tokenizer: Any) -> np.ndarray:

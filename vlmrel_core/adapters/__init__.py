@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from .base import AdapterError, AnswerTokens, VLMAdapter, normalize_answer
+from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
 from .paligemma import PaliGemmaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
-_ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, PaliGemmaAdapter)
+_ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, PaliGemmaAdapter, Qwen2VLAdapter, Idefics3Adapter)
 
 
 def supported_model_types() -> list[str]:

@@ -28,6 +28,10 @@ class AdapterError(RuntimeError):
     """Raised when a model does not have the structure its family adapter expects."""
 
 
+class ImageGridUnavailable(AdapterError):
+    """The image tokens are consistent but do not form one 2-D grid (e.g. Idefics3/SmolVLM image tiles)."""
+
+
 @dataclass(frozen=True)
 class AnswerTokens:
     """The fixed answer-token set used for yes/no probabilities (recorded in every run manifest)."""
