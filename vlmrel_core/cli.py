@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarise an extraction run")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_info)
+
+    from .cli_analysis import register as register_analysis
+    from .cli_interventions import register as register_interventions
+
+    register_analysis(sub)
+    register_interventions(sub)
     return parser
 
 

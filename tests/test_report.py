@@ -1,0 +1,147 @@
+import argparse
+import json
+
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from synthetic_runs import make_run
+from vlmrel_core import cli_analysis
+from vlmrel_core.probes import load_probe
+from vlmrel_core.report import build_report, write_report
+from vlmrel_core.splits import SplitSpec, make_split
+from vlmrel_core.store import RunReader
+from vlmrel_core.transfer import transfer_across_runs
+
+GRID = (0.1, 10.0)
+OPTIONS = dict(n_boot=150, c_grid=GRID, n_permutations=5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    strong = dict(hidden_strength=(0.0, 1.5, 8.0), output_strength=0.1)
+    adversarial = make_run(root / "adversarial", split_name="adversarial", seed=0, self_consistency_k=10, **strong)
+    random = make_run(root / "random", split_name="random", seed=1, **strong)
+    return adversarial, random
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    return build_report(runs[0], **OPTIONS)
+
+
+def test_table7_lists_every_signal_and_control_for_both_splits(report):
+    table = report.table7
+    expected = {
+        "max_answer_prob", "yes_no_margin", "top1_top2_margin", "top1_prob", "token_entropy", "mean_token_logprob",
+        "attention_entropy", "attention_spatial_entropy", "attention_cluster_count", "attention_delta_spatial_entropy",
+        "probe_selected", "probe_best_on_test", "probe_concat", "probe_mean_score", "answer_only", "item_control",
+        "shuffled_label_probe", "no_model", "output_model", "fusion",
+    }
+    for (run, grouping), part in table.groupby(["run", "grouping"]):
+        keys = set(part["key"])
+        assert expected <= keys, (run, grouping, expected - keys)
+    assert set(table["grouping"]) == {"image", "item"}
+    assert set(table["run"]) == {"synthetic-model-1/adversarial"}
+    entropy = table[table["key"] == "token_entropy"].iloc[0]
+    assert entropy["orientation"] == "negated" and entropy["signal"] == "−token_entropy"
+    assert set(table.loc[table["key"] == "max_answer_prob", "orientation"]) == {"as is"}
+    cost = dict(zip(table["key"], table["cost"]))
+    assert cost["probe_selected"] == "1× (same pass, 0 extra)" and cost["no_model"].startswith("0×")
+    sc = table[table["key"] == "self_consistency"]
+    assert len(sc) == 2 and set(sc["cost"]) == {"10× (K=10 samples)"}
+    probe = table[table["key"] == "probe_selected"]
+    assert (probe["auroc"] == 1.0).all()
+
+
+def test_table7_numbers_equal_sklearn_and_scipy_on_the_same_test_rows(report, runs):
+    rows = RunReader(runs[0]).rows
+    test = make_split(rows, SplitSpec("image", 0.3, 0.0, 0)).test
+    y = rows["correct"].to_numpy()[test]
+    table = report.table7
+    part = table[(table["run"] == "synthetic-model-1/adversarial") & (table["grouping"] == "image")]
+    for key, oriented in (("max_answer_prob", rows["max_answer_prob"].to_numpy()[test]),
+                          ("token_entropy", -rows["token_entropy"].to_numpy()[test])):
+        row = part[part["key"] == key].iloc[0]
+        assert row["n_test"] == len(test)
+        assert row["auroc"] == pytest.approx(roc_auc_score(y, oriented), abs=1e-12)
+        assert row["r_pb"] == pytest.approx(stats.pointbiserialr(y, oriented).statistic, abs=1e-12)
+        assert row["auroc_low"] <= row["auroc"] <= row["auroc_high"]
+
+
+def test_claims_gains_and_headline(report):
+    assert all(c.holds for c in report.claims)
+    assert all("holds for synthetic-model-1/" in c.sentence for c in report.claims)
+    gains = report.gains
+    item_gain = gains[(gains["grouping"] == "item") & (gains["baseline"] == "control: item")]
+    assert len(item_gain) == 1 and (item_gain["group_ci_low"] > 0).all()
+    headline = report.headline()
+    assert list(headline.columns[:3]) == ["run", "grouping", "probe (CV-selected layer)"]
+    assert headline["probe (CV-selected layer)"].str.startswith("1.000").all()
+
+
+def test_transfer_across_runs_both_ways_and_across_image_ranges(report, runs):
+    ranges = report.transfer
+    assert list(ranges["kind"]) == ["image-id range"] * 2
+    assert list(ranges["source"]) == ["synthetic-model-1/adversarial images 0–29",
+                                      "synthetic-model-1/adversarial images 30–59"]
+    adversarial, random = RunReader(runs[0]), RunReader(runs[1])
+    forward = transfer_across_runs(random, adversarial, "last_token", 2, source_name="random",
+                                   target_name="adversarial", n_boot=100, c_grid=GRID)
+    backward = transfer_across_runs(adversarial, random, "last_token", 2, source_name="adversarial",
+                                    target_name="random", n_boot=100, c_grid=GRID)
+    for result in (forward, backward):
+        assert result.n_test > 0 and result.transfer.value > 0.95 and result.in_domain.value > 0.95
+        assert result.transfer_minus_in_domain.low <= 0.0 <= result.transfer_minus_in_domain.high
+    # the shared image pool: no image of the target's test rows was in the transferred probe's training rows
+    assert forward.n_train_source + forward.n_test <= len(random.rows)
+    with pytest.raises(ValueError, match="one model"):
+        other = make_run(runs[0].parent / "other-model", fingerprint="synthetic-model-2")
+        transfer_across_runs(RunReader(other), adversarial, "last_token", 2, source_name="a", target_name="b",
+                             n_boot=50, c_grid=GRID)
+
+
+def test_layer_signals_cover_attention_and_logit_lens(report):
+    layers = report.layer_signals
+    part = layers[layers["run"] == "synthetic-model-1/adversarial"]
+    signals = set(part["signal"])
+    assert {"−attention entropy", "−H_s", "−C_k", "−ΔH_s", "lens |yes/no log-odds|", "lens truth margin"} <= signals
+    assert set(part.loc[part["signal"] == "−ΔH_s", "layer"]) == {1, 2}
+    truth = part[part["signal"] == "lens truth margin"]
+    assert truth["note"].str.contains("ground-truth label").all()
+
+
+def test_written_report_files_and_saved_probe(report, tmp_path):
+    paths = write_report(report, tmp_path / "out")
+    names = {p.name for p in paths}
+    for name in ("table7.csv", "table7.md", "gains.csv", "transfer.md", "layer_signals.md", "sweep.md", "report.md",
+                 "report.json"):
+        assert name in names
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "higher = more likely correct" in text and "leaves AUROC unchanged" in text and "holds for" in text
+    assert "negated" in (tmp_path / "out" / "table7.md").read_text()
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["runs"][0]["claim"]["holds"] is True
+    probe_dir = tmp_path / "out" / "probes" / "synthetic-model-1__adversarial"
+    probe = load_probe(probe_dir, expected_fingerprint="synthetic-model-1", expected_hidden_size=8)
+    assert probe.info.layers == [2] and probe.info.metrics["test_auroc"]["value"] == 1.0
+
+
+def test_cli_sweep_and_report(tmp_path, capsys):
+    run = make_run(tmp_path / "small", n_images=30, hidden_strength=(0.0, 8.0))
+    parser = argparse.ArgumentParser(prog="vlmrel")
+    cli_analysis.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sweep", str(run), "--out", str(tmp_path / "sweep"), "--n-boot", "100",
+                              "--c-grid", "0.1,10"])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["best"]["last_token"]["layer"] == 1 and (tmp_path / "sweep" / "sweep.md").exists()
+    args = parser.parse_args(["report", str(run), "--out", str(tmp_path / "rep"), "--n-boot", "100",
+                              "--c-grid", "0.1,10", "--no-transfer", "--no-save-probes"])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["claims"] and (tmp_path / "rep" / "table7.md").exists()
+    assert not (tmp_path / "rep" / "probes").exists()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report", str(run)])  # --out is required

@@ -1,0 +1,95 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlmrel_core.splits import (
+    SplitError,
+    SplitSpec,
+    assert_group_disjoint,
+    calibration_split,
+    group_keys,
+    holdout_indices,
+    image_split,
+    item_split,
+    make_split,
+    range_halves,
+)
+
+
+def _rows(n_images: int = 50, per_image: int = 6, n_items: int = 15, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = n_images * per_image
+    return pd.DataFrame({
+        "sample_id": [str(i) for i in range(n)],
+        "image_id": np.repeat(np.arange(n_images), per_image),
+        "image": [f"images/{i:07d}.png" for i in np.repeat(np.arange(n_images), per_image)],
+        "asked_object": [f"obj{k}" for k in rng.integers(0, n_items, n)],
+        "correct": (rng.random(n) < 0.7).astype(int),
+    })
+
+
+def test_image_split_keeps_every_image_on_one_side_and_covers_every_row():
+    rows = _rows()
+    split = image_split(rows, test_fraction=0.3, seed=0)
+    train_images = set(rows["image_id"].iloc[split.train])
+    test_images = set(rows["image_id"].iloc[split.test])
+    assert not train_images & test_images
+    assert sorted(np.concatenate([split.train, split.test]).tolist()) == list(range(len(rows)))
+    assert 0.2 < split.summary()["realised_test_fraction"] < 0.4
+    assert split.summary()["groups"]["test"] == len(test_images)
+
+
+def test_split_is_deterministic_in_the_seed_and_stratified():
+    rows = _rows()
+    a, b = image_split(rows, seed=3), image_split(rows, seed=3)
+    c = image_split(rows, seed=4)
+    assert np.array_equal(a.test, b.test) and np.array_equal(a.train, b.train)
+    assert not np.array_equal(a.test, c.test)
+    y = rows["correct"].to_numpy()
+    assert abs(y[a.train].mean() - y[a.test].mean()) < 0.08
+
+
+def test_item_split_holds_out_whole_asked_objects():
+    rows = _rows()
+    split = item_split(rows, test_fraction=0.3, seed=1)
+    train_items = set(rows["asked_object"].iloc[split.train])
+    test_items = set(rows["asked_object"].iloc[split.test])
+    assert test_items and not train_items & test_items
+
+
+def test_calibration_split_has_three_image_disjoint_parts():
+    rows = _rows(n_images=80)
+    split = calibration_split(rows, test_fraction=0.2, calibration_fraction=0.2, seed=0)
+    parts = [set(rows["image_id"].iloc[idx]) for idx in (split.train, split.calibration, split.test)]
+    assert all(parts)
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert len(split.train) + len(split.calibration) + len(split.test) == len(rows)
+    assert 0.1 < len(split.calibration) / len(rows) < 0.3
+
+
+def test_unstratified_split_uses_group_shuffle_and_stays_grouped():
+    rows = _rows()
+    groups = group_keys(rows, "image")
+    train, test = holdout_indices(rows["correct"], groups, 0.25, seed=0, stratify=False)
+    assert not set(groups[train]) & set(groups[test])
+
+
+def test_clear_errors_for_bad_inputs():
+    rows = _rows().drop(columns=["asked_object"])
+    with pytest.raises(SplitError, match="asked_object"):
+        make_split(rows, SplitSpec("item"))
+    with pytest.raises(SplitError, match="test_fraction"):
+        SplitSpec("image", test_fraction=1.5)
+    with pytest.raises(SplitError, match="at least 2 groups"):
+        holdout_indices(np.array([0, 1, 0]), np.array(["a", "a", "a"]), 0.3, 0)
+    split = image_split(_rows())
+    bad_groups = np.zeros(len(_rows()), dtype=str)  # every row in one group: train and test "share" it
+    with pytest.raises(SplitError, match="both train and test"):
+        assert_group_disjoint(split, bad_groups)
+
+
+def test_image_id_ranges_are_disjoint_halves():
+    rows = _rows(n_images=10)
+    a, b, text = range_halves(rows)
+    assert rows["image_id"].iloc[a].max() < rows["image_id"].iloc[b].min()
+    assert len(a) == len(b) == 30 and "image_id 0–4 | 5–9" == text
