@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     from .cli_analysis import register as register_analysis
+    from .cli_gate import register as register_gate
     from .cli_interventions import register as register_interventions
 
     register_analysis(sub)
     register_interventions(sub)
+    register_gate(sub)
     return parser
 
 

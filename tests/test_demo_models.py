@@ -1,0 +1,60 @@
+"""The shipped embedded models: real classes, loaded offline through the Auto classes, honest model cards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLE_DATA, SAMPLE_MODELS
+from vlmrel_core.data.loader import load_vqa_jsonl
+from vlmrel_core.demo_models.train import TrainConfig, train_demo_model
+from vlmrel_core.extract import is_correct
+from vlmrel_core.loading import load_vlm
+from vlmrel_core.run import run_batch
+
+EXPECTED = {"late_fusion": "LlavaForConditionalGeneration", "early_fusion": "PaliGemmaForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_shipped_model_loads_through_auto_classes_offline(family, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForImageTextToText.from_pretrained(SAMPLE_MODELS / family)
+    processor = AutoProcessor.from_pretrained(SAMPLE_MODELS / family)
+    assert type(model).__name__ == EXPECTED[family]
+    assert model.config.get_text_config().vocab_size == len(processor.tokenizer)
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_model_card_accuracy_is_in_band_and_reproducible(family):
+    card = json.loads((SAMPLE_MODELS / family / "model_card.json").read_text())
+    assert 0.70 <= card["accuracy"]["adversarial"] <= 0.92, card["accuracy"]
+    for split in ("random", "popular"):
+        assert split in card["accuracy"]
+    loaded = load_vlm(SAMPLE_MODELS / family, attn_implementation="sdpa")
+    assert loaded.fingerprint == card["fingerprint"]
+    samples = load_vqa_jsonl(SAMPLE_DATA / "adversarial.jsonl")[:192]
+    correct = []
+    for start in range(0, len(samples), 64):
+        batch = samples[start : start + 64]
+        record = run_batch(loaded, [s.load_image() for s in batch], [s.question for s in batch], layers=[-1],
+                           poolings=("last_token",), logit_lens=False)
+        correct += [is_correct(a, s.label) for a, s in zip(record.answer, batch)]
+    measured = sum(correct) / len(correct)
+    # 192 of the card's 2,400 questions: within ~4 standard errors of the card's figure
+    assert abs(measured - card["accuracy"]["adversarial"]) < 0.13
+
+
+def test_training_is_seeded_and_deterministic(tmp_path):
+    cfg = TrainConfig(family="late_fusion", steps=4, n_train_images=48, n_eval_questions=8, eval_every=100,
+                      caption_batch=4, question_batch=4)
+    train_demo_model(cfg, tmp_path / "a", log=lambda line: None)
+    train_demo_model(cfg, tmp_path / "b", log=lambda line: None)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = load_vlm(tmp_path / "a")
+    assert fresh.adapter.family == "llava"
