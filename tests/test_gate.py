@@ -435,7 +435,7 @@ def test_shifted_split_changes_the_images_not_the_task(tmp_path):
 
 
 def test_cli_build_gate_single_batch_and_drift(tmp_path, tiny_loaded, tiny_model_dirs, tiny_dataset, late_run, capsys):
-    from vlmrel_core.cli_gate import main
+    from vlmrel_core.cli import main
 
     out = tmp_path / "bundle"
     assert main(["build-gate", str(late_run), "--out", str(out), "--layer", "3", "--threshold", "0.7",

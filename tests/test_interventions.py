@@ -360,7 +360,7 @@ def test_evaluate_accuracy_and_study_on_both_tiny_models(tiny_loaded, tiny_datas
 def test_probe_weights_and_cli(tiny_loaded, tiny_model_dirs, tiny_dataset, tmp_path, capsys):
     from safetensors.numpy import save_file
 
-    from vlmrel_core.cli_interventions import main
+    from vlmrel_core.cli import main
     from vlmrel_core.probes import fit_probe
 
     loaded = tiny_loaded["late_fusion"]

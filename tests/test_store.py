@@ -106,3 +106,12 @@ def test_extract_in_process_matches_dataset(tmp_path, tiny_loaded, tiny_dataset)
     assert reader.tensor("attention_image").shape == (8, 4, 64)
     assert reader.tensor("lens_logodds").shape == (8, 4)
     assert reader.manifest.fusion == "early" and reader.manifest.attn_implementation == "eager"
+
+
+def test_extract_with_self_consistency_stores_agreement(tmp_path, tiny_loaded, tiny_dataset):
+    run_dir = extract(tiny_loaded["late_fusion"], tiny_dataset, tmp_path / "sc", batch_size=4, shard_size=4, limit=4,
+                      attentions=False, self_consistency_k=3)
+    rows = RunReader(run_dir).rows
+    assert set(rows["sc_k"]) == {3}
+    assert rows["sc_agreement"].between(1 / 3, 1.0).all()
+    assert RunReader(run_dir).manifest.self_consistency_k == 3

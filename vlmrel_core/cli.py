@@ -45,7 +45,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             loaded, args.data, args.out, image_root=args.image_root, layers=_parse_layers(args.layers),
             poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
             shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
-            limit=args.limit, progress=progress,
+            limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
         )
     except KeyboardInterrupt:
         bar.close()
@@ -85,6 +85,17 @@ def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
+    import torch
+
+    from .sample_pipeline import refresh_sample_data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .store import RunReader
 
@@ -116,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--normalization", choices=["lenient", "strict"], default="lenient")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--self-consistency", type=int, default=0, metavar="K",
+                   help="also sample K answers per question (T=0.7, top-p 0.9) and store their agreement (K x cost)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model with accelerate")
@@ -143,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="sample_data/shapes_pope")
     p.add_argument("--families", default="late_fusion,early_fusion")
     p.set_defaults(func=_cmd_evaluate_demo_models)
+
+    p = sub.add_parser("refresh-sample-data", help="regenerate the shipped caches, reports and gate bundles from the embedded models")
+    p.add_argument("--root", default="sample_data")
+    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--self-consistency-k", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_refresh_sample_data)
 
     p = sub.add_parser("info", help="summarise an extraction run")
     p.add_argument("run_dir")

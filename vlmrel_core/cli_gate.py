@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_RISK_TARGET = 0.1
 EXIT_DRIFT_ALERT = 3
@@ -30,57 +29,10 @@ def _json(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------- gate
 
 
-def _read_requests(path: str | Path, image_root: str | Path | None) -> list[dict[str, Any]]:
-    """Rows of a JSONL with an image and a question (text/question/prompt); a label (label/answer) is optional."""
-    from .data.loader import LABEL_KEYS, TEXT_KEYS, DatasetError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    root = Path(image_root) if image_root is not None else path.parent
-    requests = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object")
-            question = next((row[k] for k in TEXT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
-            image = row.get("image")
-            if question is None or not isinstance(image, str):
-                raise DatasetError(f"{where}: needs 'image' and a question ({', '.join(TEXT_KEYS)}) as strings")
-            image_path = Path(image) if Path(image).is_absolute() else root / image
-            if not image_path.is_file():
-                raise DatasetError(f"{where}: image not found: {image_path}")
-            label = next((row[k] for k in LABEL_KEYS if row.get(k) is not None), None)
-            requests.append({"question_id": row.get("question_id", f"line{line_no}"), "image": image,
-                             "image_path": image_path, "question": question.strip(),
-                             "label": None if label is None else str(label).strip().lower()})
-    if not requests:
-        raise DatasetError(f"{path}: no rows")
-    return requests
-
-
-def _open_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    from .data.loader import DatasetError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from err
-
-
 def _cmd_gate(args: argparse.Namespace) -> int:
     import torch
 
+    from .data.loader import VQASample, load_vqa_jsonl
     from .gate import load_gate
     from .gate_config import load_gate_config
 
@@ -96,14 +48,15 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     if single:
         if args.image is None or args.question is None:
             raise ValueError("single mode needs both --image and --question")
-        decision = gate.answer(_open_image(Path(args.image)), args.question)
+        image = VQASample("cli", Path(args.image), args.question, None).load_image()
+        decision = gate.answer(image, args.question)
         print(_json(decision.to_dict()))
         return 0
     if args.out is None:
         raise ValueError("batch mode needs --out OUT.jsonl")
     from .extract import is_correct
 
-    requests = _read_requests(args.data, args.image_root)
+    requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
     if args.limit is not None:
         requests = requests[: args.limit]
     out = Path(args.out)
@@ -113,13 +66,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     with tmp.open("w", encoding="utf-8") as handle:
         for start in range(0, len(requests), args.batch_size):
             chunk = requests[start : start + args.batch_size]
-            decisions = gate.answer_batch([_open_image(r["image_path"]) for r in chunk], [r["question"] for r in chunk],
+            decisions = gate.answer_batch([r.load_image() for r in chunk], [r.question for r in chunk],
                                           batch_size=args.batch_size)
             for request, decision in zip(chunk, decisions):
-                row = {"question_id": request["question_id"], "image": request["image"], "question": request["question"]}
-                if request["label"] is not None:
-                    correct = is_correct(decision.answer, request["label"])
-                    row.update(label=request["label"], correct=int(correct))
+                row = {"question_id": request.sample_id, "image": str(request.image_path), "question": request.question}
+                if request.label is not None:
+                    correct = is_correct(decision.answer, request.label)
+                    row.update(label=request.label, correct=int(correct))
                     n_labelled += 1
                     n_correct += int(correct)
                     if decision.accepted:
@@ -269,23 +222,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fail-on-alert", action="store_true", help=f"exit with status {EXIT_DRIFT_ALERT} when drift alerts")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_drift)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .adapters.base import AdapterError
-    from .data.loader import DatasetError
-    from .loading import ModelLoadError
-    from .store import CacheError
-
-    parser = argparse.ArgumentParser(prog="vlmrel")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (AdapterError, DatasetError, ModelLoadError, CacheError, ValueError) as err:
-        print(f"vlmrel {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

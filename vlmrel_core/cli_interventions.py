@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_LATE = "sample_data/models/late_fusion"
 
@@ -114,22 +114,3 @@ def _finish_defaults(args: argparse.Namespace) -> int:
     if not 0.0 <= args.random_fraction <= 1.0:
         raise ValueError(f"--random-fraction must be in [0, 1], got {args.random_fraction}")
     return _cmd_ablate(args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .adapters.base import AdapterError
-    from .data.loader import DatasetError
-    from .loading import ModelLoadError
-
-    parser = argparse.ArgumentParser(prog="vlmrel")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (AdapterError, DatasetError, ModelLoadError, ValueError) as err:
-        print(f"vlmrel {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

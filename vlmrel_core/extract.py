@@ -69,6 +69,23 @@ def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image],
     return pd.DataFrame(rows)
 
 
+def _add_self_consistency(
+    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], frame: pd.DataFrame,
+    k: int, max_new_tokens: int, normalization: NormalizationMode,
+) -> pd.DataFrame:
+    from .self_consistency import sample_answers
+    from .signals.consistency import SelfConsistencyConfig
+
+    config = SelfConsistencyConfig(k=k)
+    results = [sample_answers(loaded, image, s.question, config, max_new_tokens, normalization) for s, image in zip(samples, images)]
+    frame = frame.copy()
+    frame["sc_agreement"] = [r.agreement for r in results]
+    frame["sc_majority"] = [r.majority_answer for r in results]
+    frame["sc_majority_correct"] = [int(is_correct(r.majority_answer, label)) for r, label in zip(results, frame["label"])]
+    frame["sc_k"] = k
+    return frame
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -104,8 +121,13 @@ def extract(
     normalization: NormalizationMode = "lenient",
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    self_consistency_k: int = 0,
 ) -> Path:
-    """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory."""
+    """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
+
+    ``self_consistency_k`` > 0 also draws K sampled answers per question (T=0.7, top-p 0.9, seeded) and stores
+    their agreement: the behavioural baseline, at K extra sampled sequences per question.
+    """
     if shard_size < batch_size or shard_size % batch_size:
         raise ValueError("shard_size must be a multiple of batch_size")
     samples = load_vqa_jsonl(data_path, image_root)
@@ -131,6 +153,7 @@ def extract(
         answer_tokens=loaded.adapter.answer_tokens(loaded.tokenizer).to_dict(),
         normalization=normalization,
         max_new_tokens=max_new_tokens,
+        self_consistency_k=self_consistency_k,
         vlmrel_version=__version__,
     )
     writer = RunWriter(out_dir, manifest)
@@ -151,7 +174,10 @@ def extract(
                 loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
                 max_new_tokens=max_new_tokens, normalization=normalization,
             )
-            frames.append(_rows_for_batch(batch, images, record, dataset_root))
+            frame = _rows_for_batch(batch, images, record, dataset_root)
+            if self_consistency_k:
+                frame = _add_self_consistency(loaded, batch, images, frame, self_consistency_k, max_new_tokens, normalization)
+            frames.append(frame)
             tensor_parts.append(_tensors_for_batch(record))
             completed += len(batch)
             if progress:

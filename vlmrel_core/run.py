@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .adapters.base import AnswerTokens, ImageGridUnavailable, NormalizationMode
-from .capture import POOLINGS, CaptureResult, TokenLayout, capture
+from .capture import POOLINGS, TokenLayout, capture
 from .loading import LoadedVLM
 from .signals.output import output_signals
 

@@ -8,7 +8,6 @@ to open.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -55,6 +54,7 @@ class RunManifest(BaseModel):
     answer_tokens: dict[str, list[Any]]
     normalization: str
     max_new_tokens: int
+    self_consistency_k: int = 0
     shards: list[ShardInfo] = Field(default_factory=list)
     state_dtype: str = "float16"
     vlmrel_version: str = ""

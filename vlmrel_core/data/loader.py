@@ -27,7 +27,7 @@ class VQASample:
     sample_id: str
     image_path: Path
     question: str
-    label: str
+    label: str | None  # None only when read with require_label=False (unlabelled traffic for the gate)
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def load_image(self) -> Image.Image:
@@ -45,7 +45,9 @@ def _first(row: dict[str, Any], keys: Iterable[str]) -> Any:
     return None
 
 
-def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None, check_images: bool = True) -> list[VQASample]:
+def load_vqa_jsonl(
+    path: str | Path, image_root: str | Path | None = None, check_images: bool = True, require_label: bool = True
+) -> list[VQASample]:
     """Parse every row; image paths are relative to ``image_root`` (default: the JSONL's folder)."""
     path = Path(path)
     if not path.is_file():
@@ -67,7 +69,8 @@ def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None, check
             question = _first(row, TEXT_KEYS)
             label = _first(row, LABEL_KEYS)
             image = row.get("image")
-            missing = [name for name, value in (("image", image), ("text/question", question), ("label/answer", label)) if value is None]
+            required = (("image", image), ("text/question", question)) + ((("label/answer", label),) if require_label else ())
+            missing = [name for name, value in required if value is None]
             if missing:
                 raise DatasetError(f"{where}: missing {', '.join(missing)}")
             if not isinstance(image, str) or not isinstance(question, str) or not question.strip():
@@ -80,7 +83,8 @@ def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None, check
             if check_images and not image_path.is_file():
                 raise DatasetError(f"{where}: image not found: {image_path}")
             metadata = {k: v for k, v in row.items() if k not in ("image", "question_id") + TEXT_KEYS + LABEL_KEYS}
-            samples.append(VQASample(sample_id, image_path, question.strip(), str(label).strip().lower(), metadata))
+            label_text = None if label is None else str(label).strip().lower()
+            samples.append(VQASample(sample_id, image_path, question.strip(), label_text, metadata))
     if not samples:
         raise DatasetError(f"{path}: no rows")
     return samples

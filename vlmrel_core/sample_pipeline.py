@@ -1,0 +1,94 @@
+"""`vlmrel refresh-sample-data`: regenerate everything shipped under sample_data/ from the embedded models.
+
+Why one command: the caches, reports and gate bundles the dashboard reads must come from the shipped models by a
+path anyone can rerun, never be edited by hand. Model weights are NOT retrained here (`train-demo-models` does
+that, deliberately, since every re-commit of a binary stays in git history).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
+POPE_RUNS: tuple[str, ...] = ("adversarial", "random", "popular")
+DRIFT_IMAGES = 200
+
+
+def write_drift_data(root: Path) -> dict[str, Path]:
+    """An in-domain adversarial split on fresh image ids and a shifted one (palette, noise, blur, smaller shapes)."""
+    from .data.shapes import write_split
+    from .data.shifted import write_shifted_split
+
+    drift_dir = root / "shapes_drift"
+    in_domain = write_split(drift_dir, "adversarial", n_images=DRIFT_IMAGES, first_image_id=500_000, file_name="in_domain.jsonl")
+    shifted = write_shifted_split(drift_dir, "adversarial", n_images=DRIFT_IMAGES, kind="all")
+    target = drift_dir / "shifted.jsonl"
+    if Path(shifted) != target:
+        Path(shifted).replace(target)
+    return {"in_domain": in_domain, "shifted": target}
+
+
+def refresh_sample_data(
+    root: str | Path = "sample_data",
+    families: Sequence[str] = FAMILIES,
+    self_consistency_k: int = 10,
+    self_consistency_rows: int = 600,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Model cards, extraction caches, reports, gate bundles and drift checks for each embedded model."""
+    from .demo_models.pipeline import write_model_card
+    from .extract import extract
+    from .gate import build_gate_from_run, drift_between_runs
+    from .loading import load_vlm
+    from .report import build_report, write_report
+
+    root = Path(root)
+    data_dir = root / "shapes_pope"
+    drift_data = write_drift_data(root)
+    summary: dict[str, Any] = {}
+    for family in families:
+        model_dir = root / "models" / family
+        card = write_model_card(model_dir, data_dir)
+        log(f"[{family}] model card: {card['accuracy']}")
+        loaded = load_vlm(model_dir, attn_implementation="eager")
+        runs_dir = root / "runs" / family
+        run_dirs: dict[str, Path] = {}
+        for name in POPE_RUNS + ("open_questions",):
+            out = runs_dir / name
+            shutil.rmtree(out, ignore_errors=True)
+            run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512)
+            log(f"[{family}] extracted {name}")
+        sc_out = runs_dir / "adversarial_self_consistency"
+        shutil.rmtree(sc_out, ignore_errors=True)
+        run_dirs["adversarial_self_consistency"] = extract(
+            loaded, data_dir / "adversarial.jsonl", sc_out, batch_size=32, shard_size=160, attentions=False,
+            limit=self_consistency_rows, self_consistency_k=self_consistency_k,
+        )
+        for name, path in drift_data.items():
+            out = runs_dir / f"drift_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            run_dirs[f"drift_{name}"] = extract(loaded, path, out, batch_size=32, shard_size=512, attentions=False)
+        log(f"[{family}] extracted self-consistency and drift runs")
+
+        report_dir = root / "reports" / family
+        shutil.rmtree(report_dir, ignore_errors=True)
+        report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
+        write_report(report, report_dir)
+        log(f"[{family}] report written")
+
+        gate_dir = root / "gates" / family
+        shutil.rmtree(gate_dir, ignore_errors=True)
+        build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
+                                    model_path=str(model_dir))
+        drift = {
+            name: drift_between_runs(gate_dir / "gate.yaml", run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
+            for name in drift_data
+        }
+        (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
+        summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift}
+        log(f"[{family}] gate bundle and drift checks written")
+    (root / "refresh_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
