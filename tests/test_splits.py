@@ -93,3 +93,13 @@ def test_image_id_ranges_are_disjoint_halves():
     a, b, text = range_halves(rows)
     assert rows["image_id"].iloc[a].max() < rows["image_id"].iloc[b].min()
     assert len(a) == len(b) == 30 and "image_id 0–4 | 5–9" == text
+
+
+def test_holdout_with_a_rare_class_still_splits_by_group():
+    from vlmrel_core.splits import holdout_indices
+
+    y = np.array([1] * 40 + [0] * 5)
+    groups = np.array([f"img{i // 2}" for i in range(45)])
+    train, test = holdout_indices(y, groups, test_fraction=0.3, seed=0)
+    assert set(groups[train]).isdisjoint(groups[test])
+    assert len(train) + len(test) == 45 and 0 < len(test) < 45

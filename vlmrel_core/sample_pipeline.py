@@ -17,18 +17,37 @@ POPE_RUNS: tuple[str, ...] = ("adversarial", "random", "popular")
 DRIFT_IMAGES = 200
 
 
-def write_drift_data(root: Path) -> dict[str, Path]:
+def write_drift_data(root: Path, n_images: int = DRIFT_IMAGES) -> dict[str, Path]:
     """An in-domain adversarial split on fresh image ids and a shifted one (palette, noise, blur, smaller shapes)."""
     from .data.shapes import write_split
     from .data.shifted import write_shifted_split
 
     drift_dir = root / "shapes_drift"
-    in_domain = write_split(drift_dir, "adversarial", n_images=DRIFT_IMAGES, first_image_id=500_000, file_name="in_domain.jsonl")
-    shifted = write_shifted_split(drift_dir, "adversarial", n_images=DRIFT_IMAGES, kind="all")
+    in_domain = write_split(drift_dir, "adversarial", n_images=n_images, first_image_id=500_000, file_name="in_domain.jsonl")
+    shifted = write_shifted_split(drift_dir, "adversarial", n_images=n_images, kind="all")
     target = drift_dir / "shifted.jsonl"
     if Path(shifted) != target:
         Path(shifted).replace(target)
     return {"in_domain": in_domain, "shifted": target}
+
+
+def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
+    """The gate answering fresh questions end to end: routing shares, accuracy kept, measured cost multiplier."""
+    from .data.loader import load_vqa_jsonl
+    from .extract import is_correct
+
+    samples = load_vqa_jsonl(data_path)
+    decisions = gate.answer_batch([s.load_image() for s in samples], [s.question for s in samples], batch_size=32)
+    correct = [is_correct(d.answer, s.label) for d, s in zip(decisions, samples)]
+    served = [c for c, d in zip(correct, decisions) if d.accepted]
+    return {
+        "data": str(data_path),
+        "n": len(samples),
+        "accuracy_all": sum(correct) / len(correct),
+        "served_share": len(served) / len(samples),
+        "accuracy_of_served": sum(served) / len(served) if served else None,
+        **gate.stats(),
+    }
 
 
 def refresh_sample_data(
@@ -36,6 +55,7 @@ def refresh_sample_data(
     families: Sequence[str] = FAMILIES,
     self_consistency_k: int = 10,
     self_consistency_rows: int = 600,
+    drift_images: int = DRIFT_IMAGES,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Model cards, extraction caches, reports, gate bundles and drift checks for each embedded model."""
@@ -47,7 +67,7 @@ def refresh_sample_data(
 
     root = Path(root)
     data_dir = root / "shapes_pope"
-    drift_data = write_drift_data(root)
+    drift_data = write_drift_data(root, drift_images)
     summary: dict[str, Any] = {}
     for family in families:
         model_dir = root / "models" / family
@@ -88,7 +108,9 @@ def refresh_sample_data(
             for name in drift_data
         }
         (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
-        summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift}
+        live = _live_gate_run(build.gate(loaded), drift_data["in_domain"])
+        (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
+        summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}
         log(f"[{family}] gate bundle and drift checks written")
     (root / "refresh_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary

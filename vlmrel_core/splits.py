@@ -120,7 +120,7 @@ def holdout_indices(
     """(train, test) row indices with no group on both sides.
 
     Stratified: the test set is the union of the first round(f * K) folds of a shuffled `StratifiedGroupKFold`
-    with K = min(20, n_groups), so both sides keep about the same share of correct answers. Unstratified:
+    with K = min(20, n_groups, smallest class count), so both sides keep about the same share of correct answers. Unstratified:
     `GroupShuffleSplit`. Deterministic in ``seed``; the order of rows does not matter, only their groups.
     """
     y = np.asarray(y)
@@ -130,13 +130,14 @@ def holdout_indices(
     n_groups = np.unique(groups).size
     if n_groups < 2:
         raise SplitError(f"a grouped split needs at least 2 groups, found {n_groups}")
-    if stratify and np.unique(y).size < 2:
+    _, class_counts = np.unique(y, return_counts=True)
+    if stratify and (class_counts.size < 2 or class_counts.min() < 2):
         stratify = False
     if not stratify:
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
         train, test = next(splitter.split(np.zeros(len(y)), y, groups))
         return np.sort(train), np.sort(test)
-    n_folds = min(_HOLDOUT_FOLDS, n_groups)
+    n_folds = int(min(_HOLDOUT_FOLDS, n_groups, class_counts.min()))  # StratifiedGroupKFold needs K <= each class
     n_test_folds = int(min(n_folds - 1, max(1, round(test_fraction * n_folds))))
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():

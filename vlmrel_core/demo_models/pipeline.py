@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .train import TrainConfig, train_demo_model
+from .train import TrainConfig, continue_demo_model, train_demo_model
 
 FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
 
@@ -21,7 +21,11 @@ def _train_one(family: str, out_root: str, steps: int | None) -> dict[str, Any]:
     cfg = TrainConfig(family=family)  # type: ignore[arg-type]
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    summary = train_demo_model(cfg, Path(out_root) / family, log=lambda line: print(line, flush=True))
+    out_dir = Path(out_root) / family
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    summary = train_demo_model(cfg, out_dir, log=log)
+    for stage, (stage_steps, stage_lr) in enumerate(cfg.continuations, start=2):
+        summary = continue_demo_model(cfg, out_dir, out_dir, stage_steps, stage_lr, stage, log=log)
     return {"family": family, "train_seconds": summary["train_seconds"]}
 
 
