@@ -115,3 +115,12 @@ def test_extract_with_self_consistency_stores_agreement(tmp_path, tiny_loaded, t
     assert set(rows["sc_k"]) == {3}
     assert rows["sc_agreement"].between(1 / 3, 1.0).all()
     assert RunReader(run_dir).manifest.self_consistency_k == 3
+
+
+def test_tiny_attention_weights_survive_the_cache(tmp_path, tiny_loaded, tiny_dataset):
+    """Image attention of ~1e-6 per token (a last token attending to text) must not be flushed to zero."""
+    run_dir = extract(tiny_loaded["late_fusion"], tiny_dataset, tmp_path / "att", batch_size=4, shard_size=4, limit=4)
+    reader = RunReader(run_dir)
+    assert reader.tensor("attention_image", np.float64).dtype == np.float64
+    stored = next(reader.iter_tensor("attention_image"))
+    assert stored.dtype == np.float32

@@ -112,5 +112,8 @@ def refresh_sample_data(
         (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
         summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}
         log(f"[{family}] gate bundle and drift checks written")
-    (root / "refresh_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary_path = root / "refresh_summary.json"  # merged, so families can be refreshed in separate processes
+    merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    merged.update(json.loads(json.dumps(summary, default=str)))
+    summary_path.write_text(json.dumps(merged, indent=1))
     return summary
