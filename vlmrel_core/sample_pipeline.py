@@ -50,6 +50,28 @@ def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
     }
 
 
+def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
+    """Late vs early fusion side by side: top-5 probe dims, random-5, random 50% of dims, and patch masking."""
+    from .data.loader import load_vqa_jsonl
+    from .interventions import load_probe_weights, run_ablation_study
+    from .loading import load_vlm
+
+    loaded, layers, weights = {}, {}, {}
+    for family in FAMILIES:
+        loaded[family] = load_vlm(root / "models" / family, attn_implementation="eager")
+        probe = load_probe_weights(root / "reports" / family / "probes" / f"{family}__adversarial", loaded[family])
+        layers[family], weights[family] = probe.layer, probe.weights
+    written = []
+    out_dir = root / "reports" / "ablation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("adversarial", "open_questions"):
+        samples = load_vqa_jsonl(root / "shapes_pope" / f"{split}.jsonl")[:n_questions]
+        table = run_ablation_study(loaded, samples, layers, weights, ks=(5,), random_fraction=0.5, mask_fraction=0.3)
+        table.to_csv(out_dir / f"{split}.csv", index=False)
+        written.append(out_dir / f"{split}.csv")
+    return written
+
+
 def refresh_sample_data(
     root: str | Path = "sample_data",
     families: Sequence[str] = FAMILIES,
@@ -112,6 +134,9 @@ def refresh_sample_data(
         (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
         summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}
         log(f"[{family}] gate bundle and drift checks written")
+    if all((root / "reports" / f / "probes" / f"{f}__adversarial").is_dir() for f in FAMILIES):
+        write_ablation_tables(root)
+        log("ablation tables written (late vs early fusion)")
     summary_path = root / "refresh_summary.json"  # merged, so families can be refreshed in separate processes
     merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     merged.update(json.loads(json.dumps(summary, default=str)))
