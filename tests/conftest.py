@@ -14,6 +14,20 @@ SAMPLE_MODELS = REPO / "sample_data" / "models"
 SAMPLE_DATA = REPO / "sample_data" / "shapes_pope"
 
 
+def greedy_generation(model, tokenizer) -> None:
+    """Generation settings every tiny test model shares: greedy, stopping at the tokenizer's EOS."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.do_sample = False
+
+
+def save_checkpoint(model, processor, path: Path) -> Path:
+    """Save like a real checkpoint, so tests load it through the same path (`load_vlm`)."""
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from vlmrel_core.demo_models.build import build_demo_model
@@ -22,9 +36,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     dirs = {}
     for family in ("late_fusion", "early_fusion"):
         model, processor = build_demo_model(family, seed=3)
-        model.save_pretrained(root / family)
-        processor.save_pretrained(root / family)
-        dirs[family] = root / family
+        dirs[family] = save_checkpoint(model, processor, root / family)
     return dirs
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import greedy_generation, save_checkpoint
 from vlmrel_core.adapters import AdapterError, adapter_for_model_type
 from vlmrel_core.adapters.base import ImageGridUnavailable
 from vlmrel_core.adapters.idefics3 import IDEFICS3_FALLBACK_PROMPT, Idefics3Adapter, smolvlm_image_only_processor_class
@@ -101,19 +102,14 @@ def build_tiny_idefics3(model_type: str, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.do_sample = False
+    greedy_generation(model, tokenizer)
     return model, processor
 
 
 @pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
 def model_dir(request, tmp_path_factory) -> Path:
     model, processor = build_tiny_idefics3(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(model, processor, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")

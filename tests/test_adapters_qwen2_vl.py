@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import greedy_generation, save_checkpoint
 from vlmrel_core.adapters import AdapterError, adapter_for_model_type, supported_model_types
 from vlmrel_core.adapters.qwen2_vl import QWEN2_VL_FALLBACK_PROMPT, Qwen2VLAdapter, image_only_processor_class
 from vlmrel_core.capture import POOLINGS
@@ -117,19 +118,14 @@ def build_tiny_qwen(model_type: str, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.do_sample = False
+    greedy_generation(model, tokenizer)
     return model, processor
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def qwen_dir(request, tmp_path_factory) -> Path:
     model, processor = build_tiny_qwen(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(model, processor, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")

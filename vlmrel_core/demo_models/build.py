@@ -83,6 +83,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _vision_sizes() -> dict[str, int]:
+    """The vision tower both families share: 2 layers on 64x64 images in 8x8 patches (64 image tokens)."""
+    return {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+
+
+def _text_sizes(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> dict[str, int]:
+    """The decoder sizes and special-token ids both families share."""
+    return {"hidden_size": HIDDEN, "intermediate_size": 3 * HIDDEN, "num_hidden_layers": N_LAYERS,
+            "num_attention_heads": 4, "vocab_size": vocab_size, "max_position_embeddings": 256,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
 def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Late fusion: CLIP-style tower -> MLP projector -> Llama decoder (image tokens are just a prefix)."""
     import torch
@@ -103,27 +117,8 @@ def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProc
         num_additional_image_tokens=1,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-            projection_dim=HIDDEN,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=3 * HIDDEN,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**_vision_sizes(), projection_dim=HIDDEN),
+        text_config=LlamaConfig(**_text_sizes(tokenizer, len(tokenizer)), num_key_value_heads=4),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=N_IMAGE_TOKENS,
         vision_feature_select_strategy="default",
@@ -132,7 +127,7 @@ def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProc
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _set_generation_defaults(model, tokenizer)
+    set_generation_defaults(model, tokenizer)
     return model, processor
 
 
@@ -147,28 +142,8 @@ def build_paligemma(seed: int = 0) -> tuple[PaliGemmaForConditionalGeneration, P
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     vocab_size = len(processor.tokenizer)  # the processor adds ~1,150 <loc>/<seg> tokens
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-            vision_use_head=False,
-        ),
-        text_config=GemmaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=3 * HIDDEN,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=HIDDEN // 4,
-            vocab_size=vocab_size,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=SiglipVisionConfig(**_vision_sizes(), vision_use_head=False),
+        text_config=GemmaConfig(**_text_sizes(tokenizer, vocab_size), num_key_value_heads=1, head_dim=HIDDEN // 4),
         image_token_index=processor.image_token_id,
         vocab_size=vocab_size,
         projection_dim=HIDDEN,
@@ -177,7 +152,7 @@ def build_paligemma(seed: int = 0) -> tuple[PaliGemmaForConditionalGeneration, P
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
-    _set_generation_defaults(model, processor.tokenizer)
+    set_generation_defaults(model, processor.tokenizer)
     return model, processor
 
 
@@ -189,7 +164,7 @@ def build_demo_model(family: DemoFamily, seed: int = 0) -> tuple[PreTrainedModel
     raise ValueError(f"unknown demo family {family!r}; expected 'late_fusion' or 'early_fusion'")
 
 
-def _set_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+def set_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
