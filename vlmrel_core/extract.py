@@ -150,7 +150,7 @@ def extract(
         dataset_path=str(data_path),
         dataset_hash=dataset_hash(data_path, samples),
         n_samples=len(samples),
-        answer_tokens=loaded.adapter.answer_tokens(loaded.tokenizer).to_dict(),
+        answer_tokens=loaded.answer_tokens.to_dict(),
         normalization=normalization,
         max_new_tokens=max_new_tokens,
         self_consistency_k=self_consistency_k,

@@ -6,6 +6,7 @@ same code, so what the tests exercise is what production runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .adapters import VLMAdapter, adapter_for_model_type
+from .adapters import AnswerTokens, VLMAdapter, adapter_for_model_type
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -43,6 +44,12 @@ class LoadedVLM:
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @functools.cached_property
+    def answer_tokens(self) -> AnswerTokens:
+        """The family's yes/no token set for this tokenizer, computed once (not on every batch)."""
+        with self.processor_lock:
+            return self.adapter.answer_tokens(self.tokenizer)
 
     @property
     def n_layers(self) -> int:

@@ -87,7 +87,7 @@ def run_batch(
     t0 = time.perf_counter()
     with loaded.processor_lock:
         inputs = adapter.prepare_inputs(loaded.processor, [_as_rgb(i) for i in images], list(questions))
-        answer_tokens = adapter.answer_tokens(loaded.tokenizer)
+    answer_tokens = loaded.answer_tokens
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
