@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLE_DATA, SAMPLE_MODELS
 from vlmrel_core.data.loader import load_vqa_jsonl
-from vlmrel_core.demo_models.train import TrainConfig, continue_demo_model, train_demo_model
+from vlmrel_core.demo_models.train import TrainConfig, learning_rate, train_demo_model
 from vlmrel_core.extract import is_correct
 from vlmrel_core.loading import load_vlm
 from vlmrel_core.run import run_batch
@@ -50,7 +50,7 @@ def test_model_card_accuracy_is_in_band_and_reproducible(family):
 
 def test_training_is_seeded_and_deterministic(tmp_path):
     cfg = TrainConfig(family="late_fusion", steps=4, n_train_images=48, n_eval_questions=8, eval_every=100,
-                      caption_batch=4, question_batch=4, continuations=((2, 1e-3),))
+                      caption_batch=4, question_batch=4)
     train_demo_model(cfg, tmp_path / "a", log=lambda line: None)
     train_demo_model(cfg, tmp_path / "b", log=lambda line: None)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -58,8 +58,15 @@ def test_training_is_seeded_and_deterministic(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = load_vlm(tmp_path / "a")
     assert fresh.adapter.family == "llava"
-    summary = continue_demo_model(cfg, tmp_path / "a", tmp_path / "a2", steps=2, lr=1e-3, stage=2, log=lambda line: None)
-    assert summary["continuations"] == [{"stage": 2, "steps": 2, "lr": 1e-3}]
-    assert [h["stage"] for h in summary["history"]][-1] == "stage2"
-    changed = load_file(tmp_path / "a2" / "model.safetensors")
-    assert any(not torch.equal(a[k], changed[k]) for k in a)
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [0, 3]
+    assert log["train_config"]["steps"] == 4 and log["wall_seconds"] >= log["train_seconds"] > 0
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(family="late_fusion", steps=1000, warmup_steps=10, lr=1e-3, min_lr_fraction=0.05)
+    rates = [learning_rate(step, cfg) for step in range(1000)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # monotone after warmup
+    assert rates[500] == pytest.approx(0.05e-3 + 0.95e-3 * 0.5)
+    assert learning_rate(5000, cfg) == pytest.approx(0.05e-3)

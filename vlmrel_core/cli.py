@@ -72,7 +72,14 @@ def _cmd_generate_data(args: argparse.Namespace) -> int:
 def _cmd_train_demo_models(args: argparse.Namespace) -> int:
     from .demo_models.pipeline import train_demo_models
 
-    train_demo_models(args.out, families=args.families.split(","), steps=args.steps, parallel=not args.sequential)
+    import time
+
+    started = time.time()
+    results = train_demo_models(args.out, families=args.families.split(","), steps=args.steps, parallel=not args.sequential)
+    for result in results:
+        print(f"{result['family']}: trained in {result['train_seconds'] / 60:.1f} min "
+              f"({result['wall_seconds'] / 60:.1f} min with data preparation)")
+    print(f"all families: {(time.time() - started) / 60:.1f} min wall clock -> {args.out}")
     return 0
 
 
