@@ -99,7 +99,8 @@ def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k)
+    refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k,
+                        parallel=not args.sequential, threads=args.threads)
     return 0
 
 
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="sample_data")
     p.add_argument("--families", default="late_fusion,early_fusion")
     p.add_argument("--self-consistency-k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--sequential", action="store_true", help="one family after the other instead of one process per family")
     p.set_defaults(func=_cmd_refresh_sample_data)
 
     p = sub.add_parser("info", help="summarise an extraction run")

@@ -72,73 +72,109 @@ def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
     return written
 
 
-def refresh_sample_data(
-    root: str | Path = "sample_data",
-    families: Sequence[str] = FAMILIES,
-    self_consistency_k: int = 10,
-    self_consistency_rows: int = 600,
-    drift_images: int = DRIFT_IMAGES,
-    log: Callable[[str], None] = print,
+def refresh_family(
+    root: str | Path, family: str, drift_data: dict[str, Path], self_consistency_k: int = 10,
+    self_consistency_rows: int = 600, threads: int | None = None, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Model cards, extraction caches, reports, gate bundles and drift checks for each embedded model."""
+    """One embedded model: model card, extraction caches, report, gate bundle, drift checks and a live gate run."""
     from .demo_models.pipeline import write_model_card
     from .extract import extract
     from .gate import build_gate_from_run, drift_between_runs
     from .loading import load_vlm
     from .report import build_report, write_report
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     root = Path(root)
     data_dir = root / "shapes_pope"
+    model_dir = root / "models" / family
+    card = write_model_card(model_dir, data_dir)
+    log(f"[{family}] model card: {card['accuracy']}")
+    loaded = load_vlm(model_dir, attn_implementation="eager")
+    runs_dir = root / "runs" / family
+    run_dirs: dict[str, Path] = {}
+    for name in POPE_RUNS + ("open_questions",):
+        out = runs_dir / name
+        shutil.rmtree(out, ignore_errors=True)
+        run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512)
+        log(f"[{family}] extracted {name}")
+    sc_out = runs_dir / "adversarial_self_consistency"
+    shutil.rmtree(sc_out, ignore_errors=True)
+    run_dirs["adversarial_self_consistency"] = extract(
+        loaded, data_dir / "adversarial.jsonl", sc_out, batch_size=32, shard_size=160, attentions=False,
+        limit=self_consistency_rows, self_consistency_k=self_consistency_k,
+    )
+    for name, path in drift_data.items():
+        out = runs_dir / f"drift_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        run_dirs[f"drift_{name}"] = extract(loaded, path, out, batch_size=32, shard_size=512, attentions=False)
+    log(f"[{family}] extracted self-consistency and drift runs")
+
+    report_dir = root / "reports" / family
+    shutil.rmtree(report_dir, ignore_errors=True)
+    report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
+    write_report(report, report_dir)
+    log(f"[{family}] report written")
+
+    gate_dir = root / "gates" / family
+    shutil.rmtree(gate_dir, ignore_errors=True)
+    build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
+                                model_path=str(model_dir))
+    drift = {
+        name: drift_between_runs(gate_dir / "gate.yaml", run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
+        for name in drift_data
+    }
+    (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
+    live = _live_gate_run(build.gate(loaded), drift_data["in_domain"])
+    (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
+    log(f"[{family}] gate bundle and drift checks written")
+    return json.loads(json.dumps({"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}, default=str))
+
+
+def _refresh_family_in_worker(root: str, family: str, drift_data: dict[str, Path], k: int, rows: int, threads: int | None) -> dict[str, Any]:
+    """A spawn worker: logs flushed line by line so both families' progress interleaves readably."""
+    return refresh_family(root, family, drift_data, k, rows, threads, log=lambda line: print(line, flush=True))
+
+
+def refresh_sample_data(
+    root: str | Path = "sample_data",
+    families: Sequence[str] = FAMILIES,
+    self_consistency_k: int = 10,
+    self_consistency_rows: int = 600,
+    drift_images: int = DRIFT_IMAGES,
+    parallel: bool = False,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every family's bundle (one process per family when ``parallel``), then the cross-family ablation tables.
+
+    The ablation tables compare late and early fusion side by side, so they are written only after both families'
+    probes come from this refresh; refreshing one family alone leaves them as they were and says so.
+    """
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown demo families {unknown}; expected some of {FAMILIES}")
+    root = Path(root)
     drift_data = write_drift_data(root, drift_images)
-    summary: dict[str, Any] = {}
-    for family in families:
-        model_dir = root / "models" / family
-        card = write_model_card(model_dir, data_dir)
-        log(f"[{family}] model card: {card['accuracy']}")
-        loaded = load_vlm(model_dir, attn_implementation="eager")
-        runs_dir = root / "runs" / family
-        run_dirs: dict[str, Path] = {}
-        for name in POPE_RUNS + ("open_questions",):
-            out = runs_dir / name
-            shutil.rmtree(out, ignore_errors=True)
-            run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512)
-            log(f"[{family}] extracted {name}")
-        sc_out = runs_dir / "adversarial_self_consistency"
-        shutil.rmtree(sc_out, ignore_errors=True)
-        run_dirs["adversarial_self_consistency"] = extract(
-            loaded, data_dir / "adversarial.jsonl", sc_out, batch_size=32, shard_size=160, attentions=False,
-            limit=self_consistency_rows, self_consistency_k=self_consistency_k,
-        )
-        for name, path in drift_data.items():
-            out = runs_dir / f"drift_{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            run_dirs[f"drift_{name}"] = extract(loaded, path, out, batch_size=32, shard_size=512, attentions=False)
-        log(f"[{family}] extracted self-consistency and drift runs")
+    if parallel and len(families) > 1:
+        import multiprocessing as mp
 
-        report_dir = root / "reports" / family
-        shutil.rmtree(report_dir, ignore_errors=True)
-        report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
-        write_report(report, report_dir)
-        log(f"[{family}] report written")
-
-        gate_dir = root / "gates" / family
-        shutil.rmtree(gate_dir, ignore_errors=True)
-        build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
-                                    model_path=str(model_dir))
-        drift = {
-            name: drift_between_runs(gate_dir / "gate.yaml", run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
-            for name in drift_data
-        }
-        (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
-        live = _live_gate_run(build.gate(loaded), drift_data["in_domain"])
-        (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
-        summary[family] = {"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}
-        log(f"[{family}] gate bundle and drift checks written")
-    if all((root / "reports" / f / "probes" / f"{f}__adversarial").is_dir() for f in FAMILIES):
+        with mp.get_context("spawn").Pool(len(families)) as pool:
+            results = pool.starmap(_refresh_family_in_worker, [
+                (str(root), family, drift_data, self_consistency_k, self_consistency_rows, threads) for family in families])
+        summary = dict(zip(families, results))
+    else:
+        summary = {family: refresh_family(root, family, drift_data, self_consistency_k, self_consistency_rows, threads, log)
+                   for family in families}
+    summary_path = root / "refresh_summary.json"  # merged, so one family can be refreshed on its own
+    merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    merged.update(summary)
+    summary_path.write_text(json.dumps(merged, indent=1))
+    if set(families) == set(FAMILIES):
         write_ablation_tables(root)
         log("ablation tables written (late vs early fusion)")
-    summary_path = root / "refresh_summary.json"  # merged, so families can be refreshed in separate processes
-    merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    merged.update(json.loads(json.dumps(summary, default=str)))
-    summary_path.write_text(json.dumps(merged, indent=1))
+    else:
+        log("ablation tables left as they were: they compare both families, refresh both to rewrite them")
     return summary
