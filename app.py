@@ -98,7 +98,7 @@ with right:
             evidence = decision.evidence
             st.plotly_chart(confidence_gauge(decision.confidence, evidence.get("threshold"),
                                              list(routing.gray_zone_bounds) if routing and routing.gray_zone_bounds else None),
-                            use_container_width=True)
+                            width="stretch")
             if decision.self_consistency:
                 sc = decision.self_consistency
                 st.write(f"Self-consistency: agreement {sc.get('agreement'):.2f} over {len(sc.get('samples', []))} samples, "
@@ -110,7 +110,7 @@ st.divider()
 st.subheader("Where reliability lives in this model (held-out, shipped report)")
 table7 = SAMPLE / "reports" / family / "table7.csv"
 if table7.is_file():
-    st.dataframe(pd.read_csv(table7), use_container_width=True, hide_index=True)
+    st.dataframe(pd.read_csv(table7), width="stretch", hide_index=True)
     report_md = SAMPLE / "reports" / family / "report.md"
     if report_md.is_file():
         with st.expander("Full report"):
