@@ -21,6 +21,35 @@ def greedy_generation(model, tokenizer) -> None:
     model.generation_config.do_sample = False
 
 
+def word_level_tokenizer(
+    extra_vocab: list[str], *, special: list[str], eos: str, pad: str, bos: str | None = None, bos_on_every_text: bool = False
+):
+    """A deterministic word-level fast tokenizer (no network): the demo vocabulary, then a family's own tokens.
+
+    ``bos_on_every_text`` mimics Llama-3's tokenizer, which adds BOS to every encoded text.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmrel_core.demo_models.build import demo_vocabulary
+
+    words = [w for w in demo_vocabulary() if w not in {"<image>", "<s>", "</s>", "<pad>"}]
+    vocab = {w: i for i, w in enumerate(words + list(extra_vocab))}
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    if bos_on_every_text:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    named = {"bos_token": bos} if bos is not None else {}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", eos_token=eos, pad_token=pad, additional_special_tokens=special, **named
+    )
+    tokenizer.add_tokens(["\n"])
+    return tokenizer
+
+
 def save_checkpoint(model, processor, path: Path) -> Path:
     """Save like a real checkpoint, so tests load it through the same path (`load_vlm`)."""
     model.save_pretrained(path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import greedy_generation, save_checkpoint
+from conftest import greedy_generation, save_checkpoint, word_level_tokenizer
 from vlmrel_core.adapters import AdapterError, adapter_for_model_type
 from vlmrel_core.adapters.base import ImageGridUnavailable
 from vlmrel_core.adapters.idefics3 import IDEFICS3_FALLBACK_PROMPT, Idefics3Adapter, smolvlm_image_only_processor_class
@@ -47,30 +47,8 @@ QUESTIONS = ["is there a red circle in the image?", "how many blue squares are t
 
 
 def build_idefics3_tokenizer():
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    from vlmrel_core.demo_models.build import demo_vocabulary
-
-    words = [w for w in demo_vocabulary() if w not in {"<image>", "<s>", "</s>", "<pad>"}]
-    vocab = {w: i for i, w in enumerate(words + SPECIAL)}
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    # Like Llama-3's tokenizer: BOS is added to every encoded text.
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        bos_token=BOS,
-        eos_token="<end_of_utterance>",
-        pad_token="<pad>",
-        additional_special_tokens=SPECIAL[2:],
-    )
-    tokenizer.add_tokens(["\n"])
-    return tokenizer
+    return word_level_tokenizer(SPECIAL, special=SPECIAL[2:], eos="<end_of_utterance>", pad="<pad>", bos=BOS,
+                                bos_on_every_text=True)
 
 
 def build_tiny_idefics3(model_type: str, seed: int = 0):

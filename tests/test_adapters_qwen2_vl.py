@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import greedy_generation, save_checkpoint
+from conftest import greedy_generation, save_checkpoint, word_level_tokenizer
 from vlmrel_core.adapters import AdapterError, adapter_for_model_type, supported_model_types
 from vlmrel_core.adapters.qwen2_vl import QWEN2_VL_FALLBACK_PROMPT, Qwen2VLAdapter, image_only_processor_class
 from vlmrel_core.capture import POOLINGS
@@ -50,27 +50,8 @@ QUESTIONS = ["is there a red circle in the image?", "how many blue squares are t
 
 
 def build_qwen_tokenizer():
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    from vlmrel_core.demo_models.build import demo_vocabulary
-
-    words = [w for w in demo_vocabulary() if w not in {"<image>", "<s>", "</s>", "<pad>"}]
-    vocab = {w: i for i, w in enumerate(words + ["system", "you", "helpful"] + QWEN_SPECIAL)}
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN_SPECIAL[1:],
-    )
-    tokenizer.add_tokens(["\n"])
-    return tokenizer
+    return word_level_tokenizer(["system", "you", "helpful"] + QWEN_SPECIAL, special=QWEN_SPECIAL[1:],
+                                eos="<|im_end|>", pad="<|endoftext|>")
 
 
 def build_tiny_qwen(model_type: str, seed: int = 0):
