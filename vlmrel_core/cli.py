@@ -93,12 +93,8 @@ def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
-    import torch
-
     from .sample_pipeline import refresh_sample_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k,
                         parallel=not args.sequential, threads=args.threads)
     return 0
