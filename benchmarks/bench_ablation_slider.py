@@ -54,8 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.interventions import DimensionAblation, ablation_effect, evaluate_accuracy, load_probe_weights, top_k_dimensions
-    from vlmrel_core.loading import load_vlm
+    from vlmrel_core.interventions.core import DimensionAblation, ablation_effect, evaluate_accuracy, load_probe_weights, top_k_dimensions
+    from vlmrel_core.engine.loading import load_vlm
 
     model_dir, data = _tiny_model_and_data(args.n) if args.tiny else (args.model, args.data)
     loaded = load_vlm(model_dir, attn_implementation="sdpa")

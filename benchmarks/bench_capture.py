@@ -54,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from vlmrel_core.capture import POOLINGS, TokenLayout, capture
+    from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture
     from vlmrel_core.data.shapes import make_scene, render_scene
-    from vlmrel_core.loading import load_vlm
+    from vlmrel_core.engine.loading import load_vlm
 
     source = _random_llava(args.random_size) if args.random_size else args.model
     loaded = load_vlm(source, attn_implementation="sdpa")

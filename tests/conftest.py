@@ -71,7 +71,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dirs: dict[str, Path]):
-    from vlmrel_core.loading import load_vlm
+    from vlmrel_core.engine.loading import load_vlm
 
     return {family: load_vlm(path) for family, path in tiny_model_dirs.items()}
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-from vlmrel_core.store import RunManifest, RunWriter
+from vlmrel_core.engine.store import RunManifest, RunWriter
 
 GRID = (4, 4)
 

@@ -9,14 +9,14 @@ import pytest
 from scipy.special import expit, logit, softmax
 from sklearn.isotonic import IsotonicRegression
 
-from vlmrel_core.calibration import (
+from vlmrel_core.gate.calibration import (
     IsotonicCalibrator,
     TemperatureScaler,
     calibrator_from_dict,
     fit_calibrator,
     prob_to_logit,
 )
-from vlmrel_core.metrics import auroc, expected_calibration_error
+from vlmrel_core.analysis.metrics import auroc, expected_calibration_error
 
 TRUE_TEMPERATURE = 2.5
 

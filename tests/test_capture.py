@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlmrel_core.adapters import AdapterError
-from vlmrel_core.capture import TokenLayout, capture, resolve_layers
+from vlmrel_core.engine.adapters import AdapterError
+from vlmrel_core.engine.capture import TokenLayout, capture, resolve_layers
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.run import run_batch
+from vlmrel_core.engine.run import run_batch
 
 QUESTIONS = ["is there a red circle in the image?", "what objects are in the image?", "how many squares are there?"]
 
@@ -76,7 +76,7 @@ def test_layer_selection_and_errors(tiny_loaded):
 
 
 def test_attentions_need_eager(tiny_model_dirs):
-    from vlmrel_core.loading import load_vlm
+    from vlmrel_core.engine.loading import load_vlm
 
     sdpa = load_vlm(tiny_model_dirs["late_fusion"], attn_implementation="sdpa")
     with pytest.raises(AdapterError, match="eager"):

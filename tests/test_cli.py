@@ -2,11 +2,11 @@ import json
 import subprocess
 import sys
 
-from vlmrel_core.cli import main
+from vlmrel_core.cli.main import main
 
 
 def test_help_works_offline():
-    done = subprocess.run([sys.executable, "-m", "vlmrel_core.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "vlmrel_core.cli.main", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     for command in ("extract", "generate-data", "train-demo-models", "info"):
         assert command in done.stdout

@@ -6,13 +6,13 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from synthetic_runs import make_run
-from vlmrel_core.cluster_bootstrap import grouped_auroc_ci, grouped_auroc_gain_ci, weighted_auroc_rows
-from vlmrel_core.controls import Gain, evaluate_scores, one_hot, run_all_controls, run_controls
-from vlmrel_core.metrics import Estimate, auroc_ci
-from vlmrel_core.probes import fit_run_probe
-from vlmrel_core.report import make_claim
-from vlmrel_core.splits import SplitSpec, make_split
-from vlmrel_core.store import RunReader
+from vlmrel_core.analysis.cluster_bootstrap import grouped_auroc_ci, grouped_auroc_gain_ci, weighted_auroc_rows
+from vlmrel_core.analysis.controls import Gain, evaluate_scores, one_hot, run_all_controls, run_controls
+from vlmrel_core.analysis.metrics import Estimate, auroc_ci
+from vlmrel_core.analysis.probes import fit_run_probe
+from vlmrel_core.analysis.report import make_claim
+from vlmrel_core.analysis.splits import SplitSpec, make_split
+from vlmrel_core.engine.store import RunReader
 
 GRID = (0.01, 1.0, 100.0)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vlmrel_core.calibration import IsotonicCalibrator, TemperatureScaler
-from vlmrel_core.drift import DriftMonitor, DriftReport, histogram_kl, recalibrate
-from vlmrel_core.metrics import expected_calibration_error
+from vlmrel_core.gate.calibration import IsotonicCalibrator, TemperatureScaler
+from vlmrel_core.gate.drift import DriftMonitor, DriftReport, histogram_kl, recalibrate
+from vlmrel_core.analysis.metrics import expected_calibration_error
 
 EMBEDDING_DIM = 32
 
@@ -121,7 +121,7 @@ def test_recalibrate_refits_and_guards() -> None:
 
 def test_reliability_modules_do_not_import_torch_or_streamlit() -> None:
     code = (
-        "import sys; import vlmrel_core.metrics, vlmrel_core.calibration, vlmrel_core.risk, vlmrel_core.drift; "
+        "import sys; import vlmrel_core.analysis.metrics, vlmrel_core.gate.calibration, vlmrel_core.gate.risk, vlmrel_core.gate.drift; "
         "bad = [m for m in ('torch', 'streamlit') if m in sys.modules]; "
         "assert not bad, bad"
     )

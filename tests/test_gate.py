@@ -17,10 +17,10 @@ import pytest
 import torch
 from scipy.special import expit, logit
 
-from vlmrel_core.calibration import TemperatureScaler
+from vlmrel_core.gate.calibration import TemperatureScaler
 from vlmrel_core.data.shapes import GeneratorConfig, make_scene, render_scene
 from vlmrel_core.data.shifted import SHIFTED_FIRST_IMAGE_ID, shifted_config, write_shifted_split
-from vlmrel_core.gate import (
+from vlmrel_core.gate.runtime import (
     CalibrationBundle,
     GateError,
     ReliabilityGate,
@@ -29,13 +29,13 @@ from vlmrel_core.gate import (
     load_gate,
     load_gate_components,
 )
-from vlmrel_core.gate_config import parse_gate_config
-from vlmrel_core.probes import Probe, ProbeError, fit_probe
-from vlmrel_core.risk import UnreachableRiskTarget
-from vlmrel_core.run import run_batch
-from vlmrel_core.signal_calibration import calibrate_signals
+from vlmrel_core.gate.config import parse_gate_config
+from vlmrel_core.analysis.probes import Probe, ProbeError, fit_probe
+from vlmrel_core.gate.risk import UnreachableRiskTarget
+from vlmrel_core.engine.run import run_batch
+from vlmrel_core.gate.signal_calibration import calibrate_signals
 from vlmrel_core.signals.consistency import agreement_rate
-from vlmrel_core.store import RunManifest, RunWriter
+from vlmrel_core.engine.store import RunManifest, RunWriter
 
 QUESTION = "is there a red circle in the image?"
 FAST_C_GRID = (0.01, 1.0)
@@ -435,7 +435,7 @@ def test_shifted_split_changes_the_images_not_the_task(tmp_path):
 
 
 def test_cli_build_gate_single_batch_and_drift(tmp_path, tiny_loaded, tiny_model_dirs, tiny_dataset, late_run, capsys):
-    from vlmrel_core.cli import main
+    from vlmrel_core.cli.main import main
 
     out = tmp_path / "bundle"
     assert main(["build-gate", str(late_run), "--out", str(out), "--layer", "3", "--threshold", "0.7",

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from vlmrel_core.gate_config import (
+from vlmrel_core.gate.config import (
     GateConfigError,
     dump_gate_config,
     load_gate_config,

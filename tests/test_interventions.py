@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vlmrel_core import interventions as iv
-from vlmrel_core.capture import TokenLayout, capture
+from vlmrel_core.interventions import core as iv
+from vlmrel_core.engine.capture import TokenLayout, capture
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.extract import is_correct
-from vlmrel_core.run import run_batch
+from vlmrel_core.engine.extract import is_correct
+from vlmrel_core.engine.run import run_batch
 
 QUESTIONS = ["is there a red circle in the image?", "how many squares are there?", "what colour is the cross?"]
 
@@ -361,8 +361,8 @@ def test_evaluate_accuracy_and_study_on_both_tiny_models(tiny_loaded, tiny_datas
 def test_probe_weights_and_cli(tiny_loaded, tiny_model_dirs, tiny_dataset, tmp_path, capsys):
     from safetensors.numpy import save_file
 
-    from vlmrel_core.cli import main
-    from vlmrel_core.probes import fit_probe
+    from vlmrel_core.cli.main import main
+    from vlmrel_core.analysis.probes import fit_probe
 
     loaded = tiny_loaded["late_fusion"]
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from vlmrel_core.metrics import (
+from vlmrel_core.analysis.metrics import (
     Estimate,
     _auroc_rows,
     area_under_risk_coverage,

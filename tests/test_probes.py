@@ -5,8 +5,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from synthetic_runs import make_run
-from vlmrel_core.metrics import auroc, auroc_ci
-from vlmrel_core.probes import (
+from vlmrel_core.analysis.metrics import auroc, auroc_ci
+from vlmrel_core.analysis.probes import (
     PROBE_JSON,
     PROBE_TENSORS,
     ProbeError,
@@ -17,8 +17,8 @@ from vlmrel_core.probes import (
     sweep_layers,
     write_sweep,
 )
-from vlmrel_core.splits import SplitSpec, make_split
-from vlmrel_core.store import RunReader
+from vlmrel_core.analysis.splits import SplitSpec, make_split
+from vlmrel_core.engine.store import RunReader
 
 GRID = (0.01, 1.0, 100.0)
 

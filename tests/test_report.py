@@ -6,12 +6,12 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from synthetic_runs import make_run
-from vlmrel_core import cli_analysis
-from vlmrel_core.probes import load_probe
-from vlmrel_core.report import build_report, write_report
-from vlmrel_core.splits import SplitSpec, make_split
-from vlmrel_core.store import RunReader
-from vlmrel_core.transfer import transfer_across_runs
+from vlmrel_core.cli import analysis
+from vlmrel_core.analysis.probes import load_probe
+from vlmrel_core.analysis.report import build_report, write_report
+from vlmrel_core.analysis.splits import SplitSpec, make_split
+from vlmrel_core.engine.store import RunReader
+from vlmrel_core.analysis.transfer import transfer_across_runs
 
 GRID = (0.1, 10.0)
 OPTIONS = dict(n_boot=150, c_grid=GRID, n_permutations=5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vlmrel_core.metrics import risk_coverage_curve
-from vlmrel_core.risk import (
+from vlmrel_core.analysis.metrics import risk_coverage_curve
+from vlmrel_core.gate.risk import (
     RiskThreshold,
     UnreachableRiskTarget,
     clopper_pearson_upper,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.run import run_batch
+from vlmrel_core.engine.run import run_batch
 
 QUESTIONS = ["is there a red circle in the image?", "what objects are in the image?", "how many squares are there?", "is there an orange cross in the image?"]
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import SAMPLE_DATA, SAMPLE_MODELS
-from vlmrel_core.loading import load_vlm
-from vlmrel_core.sample_pipeline import FAMILIES, refresh_sample_data
+from vlmrel_core.engine.loading import load_vlm
+from vlmrel_core.samples.refresh import FAMILIES, refresh_sample_data
 
 SHIPPED = SAMPLE_DATA.parent
 

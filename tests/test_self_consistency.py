@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.run import run_batch
-from vlmrel_core.self_consistency import count_forward_calls, sample_answers
+from vlmrel_core.engine.run import run_batch
+from vlmrel_core.engine.self_consistency import count_forward_calls, sample_answers
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer
 
 QUESTION = "is there a red circle in the image?"

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmrel_core.splits import (
+from vlmrel_core.analysis.splits import (
     SplitError,
     SplitSpec,
     assert_group_disjoint,
@@ -96,7 +96,7 @@ def test_image_id_ranges_are_disjoint_halves():
 
 
 def test_holdout_with_a_rare_class_still_splits_by_group():
-    from vlmrel_core.splits import holdout_indices
+    from vlmrel_core.analysis.splits import holdout_indices
 
     y = np.array([1] * 40 + [0] * 5)
     groups = np.array([f"img{i // 2}" for i in range(45)])

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmrel_core.extract import extract
-from vlmrel_core.store import CacheError, RunManifest, RunReader, RunWriter, read_manifest
+from vlmrel_core.engine.extract import extract
+from vlmrel_core.engine.store import CacheError, RunManifest, RunReader, RunWriter, read_manifest
 
 
 def _manifest(**overrides) -> RunManifest:
@@ -76,7 +76,7 @@ def test_damaged_files_are_clear_errors_not_crashes(tmp_path):
 
 def test_extract_resumes_after_a_kill_without_losing_or_duplicating_rows(tmp_path, tiny_model_dirs, tiny_dataset):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vlmrel_core.cli", "extract", "--model", str(tiny_model_dirs["late_fusion"]),
+    cmd = [sys.executable, "-m", "vlmrel_core.cli.main", "extract", "--model", str(tiny_model_dirs["late_fusion"]),
            "--data", str(tiny_dataset), "--out", str(out), "--batch-size", "4", "--shard-size", "4", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
-from .shapes import GeneratorConfig, write_split
+from vlmrel_core.data.shapes import GeneratorConfig, write_split
 
 SHIFTED_FIRST_IMAGE_ID = 1_000_000
 

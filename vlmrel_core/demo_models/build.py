@@ -28,7 +28,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ..data.shapes import COLOURS, NUMBER_WORDS, SHAPE_PLURALS, SHAPES
+from vlmrel_core.data.shapes import COLOURS, NUMBER_WORDS, SHAPE_PLURALS, SHAPES
 
 DemoFamily = Literal["late_fusion", "early_fusion"]
 IMAGE_SIZE = 64

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .train import TrainConfig, train_demo_model
+from vlmrel_core.demo_models.train import TrainConfig, train_demo_model
 
 FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
 
@@ -41,10 +41,10 @@ def write_model_card(model_dir: str | Path, data_dir: str | Path, batch_size: in
     """Held-out accuracy per split (and per open question type) measured through the normal run path."""
     import pandas as pd
 
-    from ..data.loader import load_vqa_jsonl
-    from ..extract import is_correct
-    from ..loading import load_vlm
-    from ..run import run_batch
+    from vlmrel_core.data.loader import load_vqa_jsonl
+    from vlmrel_core.engine.extract import is_correct
+    from vlmrel_core.engine.loading import load_vlm
+    from vlmrel_core.engine.run import run_batch
 
     loaded = load_vlm(model_dir, attn_implementation="sdpa")
     accuracy: dict[str, float] = {}

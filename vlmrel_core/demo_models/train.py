@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import transformers
 
-from ..adapters import get_adapter
-from ..data.shapes import (
+from vlmrel_core.engine.adapters import get_adapter
+from vlmrel_core.data.shapes import (
     CAPTION_PROMPT,
     POPE_SPLITS,
     GeneratorConfig,
@@ -33,7 +33,7 @@ from ..data.shapes import (
     render_scene,
     scene_questions,
 )
-from .build import DemoFamily, build_demo_model
+from vlmrel_core.demo_models.build import DemoFamily, build_demo_model
 
 TRAIN_IMAGE_ID_OFFSET = 10_000_000  # training scenes never share ids with evaluation splits (ids < 1,000,000)
 

@@ -1,0 +1,94 @@
+"""`vlmrel sweep` and `vlmrel report`: parse arguments, call the analysis library, print a JSON summary.
+
+Wired into the main parser by `vlmrel_core.cli.main` through `register(subparsers)`; no analysis lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmrel_core.analysis.probes import DEFAULT_C_GRID
+
+
+def _c_grid(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--c-grid takes comma-separated numbers, got {text!r}") from err
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("--c-grid values must be positive")
+    return values
+
+
+def _poolings(text: str | None) -> list[str] | None:
+    return None if text in (None, "", "all") else text.split(",")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, CV folds and bootstrap")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="share of groups held out for testing")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per CI")
+    p.add_argument("--poolings", default="all", help="'all' or comma-separated poolings the run extracted")
+    p.add_argument("--c-grid", type=_c_grid, default=DEFAULT_C_GRID, help="comma-separated C values for grouped CV")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Per layer × pooling held-out probe AUROC (+CI), best layer, plateau; writes sweep.{csv,json,md}."""
+    from vlmrel_core.analysis.probes import sweep_layers, write_sweep
+    from vlmrel_core.analysis.splits import SplitSpec
+    from vlmrel_core.engine.store import RunReader
+
+    reader = RunReader(args.run_dir)
+    sweep = sweep_layers(reader, _poolings(args.poolings), SplitSpec(args.grouping, args.test_fraction, 0.0, args.seed),
+                         seed=args.seed, n_boot=args.n_boot, c_grid=args.c_grid)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis" / f"sweep-{args.grouping}"
+    paths = write_sweep(sweep, out)
+    summary = sweep.to_dict()
+    print(json.dumps({
+        "out": str(out),
+        "files": [str(p) for p in paths],
+        "best": summary["best"],
+        "plateau": summary["plateau"],
+        "cv_selected": summary["cv_selected"],
+    }, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Table 7 (signals + controls), gains, claims, transfer, per-layer signals; CSV + Markdown + JSON."""
+    from vlmrel_core.analysis.report import build_report, write_report
+
+    report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
+                          poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=args.c_grid,
+                          transfer=not args.no_transfer)
+    paths = write_report(report, args.out, save_probes=not args.no_save_probes)
+    print(json.dumps({
+        "out": str(args.out),
+        "files": [str(p) for p in paths],
+        "claims": [c.sentence for c in report.claims],
+        "headline": report.headline().to_dict(orient="records"),
+    }, indent=1))
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the `sweep` and `report` subcommands to vlmrel's parser."""
+    p = subparsers.add_parser("sweep", help="held-out probe AUROC per layer and pooling, best layer and plateau")
+    p.add_argument("run_dir", help="an extraction run directory (vlmrel extract --out)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis/sweep-<grouping>)")
+    p.add_argument("--grouping", choices=["image", "item"], default="image",
+                   help="hold out whole images (default) or whole asked objects")
+    _add_common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser("report", help="Table 7 for every signal and control, claims, transfer, per-layer signals")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="one or more runs (e.g. one model's random, popular and adversarial caches)")
+    p.add_argument("--out", required=True, help="folder for the CSV / Markdown / JSON report")
+    p.add_argument("--ensemble-k", type=int, default=5, help="last k layers for the multi-layer probes")
+    p.add_argument("--no-transfer", action="store_true", help="skip the transfer table")
+    p.add_argument("--no-save-probes", action="store_true", help="do not save the selected probes under OUT/probes")
+    _add_common(p)
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,224 @@
+"""`vlmrel gate`, `vlmrel build-gate`, `vlmrel drift`: the production gate from the command line.
+
+Parsing and printing only; the work is in `gate` (ReliabilityGate, build_gate_from_run, drift_between_runs).
+Wired into the main CLI by `register(subparsers)`; also runnable alone: `python -m vlmrel_core.cli.gate gate ...`.
+
+    vlmrel build-gate RUN_DIR --out DIR [--risk-target 0.1 --delta 0.1 | --threshold 0.7]
+    vlmrel gate --config DIR/gate.yaml --image IMG --question "is there a red circle?"
+    vlmrel gate --config DIR/gate.yaml --data questions.jsonl --out decisions.jsonl
+    vlmrel drift --config DIR/gate.yaml --reference RUN_DIR --current RUN_DIR [--recalibrate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RISK_TARGET = 0.1
+EXIT_DRIFT_ALERT = 3
+
+
+def _json(value: Any) -> str:
+    from vlmrel_core.gate.runtime import _json_default
+
+    return json.dumps(value, indent=1, default=_json_default)
+
+
+# --------------------------------------------------------------------------------------------------- gate
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmrel_core.data.loader import VQASample, load_vqa_jsonl
+    from vlmrel_core.gate.runtime import load_gate
+    from vlmrel_core.gate.config import load_gate_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    single = args.image is not None or args.question is not None
+    if single == (args.data is not None):
+        raise ValueError("give either --image and --question (one decision) or --data JSONL --out OUT (batch mode)")
+    config = load_gate_config(args.config)
+    if args.device and config.monitor.model is not None:
+        config.monitor.model.device = args.device
+    gate = load_gate(config)
+    if single:
+        if args.image is None or args.question is None:
+            raise ValueError("single mode needs both --image and --question")
+        image = VQASample("cli", Path(args.image), args.question, None).load_image()
+        decision = gate.answer(image, args.question)
+        print(_json(decision.to_dict()))
+        return 0
+    if args.out is None:
+        raise ValueError("batch mode needs --out OUT.jsonl")
+    from vlmrel_core.engine.extract import is_correct
+
+    requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
+    if args.limit is not None:
+        requests = requests[: args.limit]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n_labelled = n_correct = n_accepted_labelled = n_accepted_correct = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for start in range(0, len(requests), args.batch_size):
+            chunk = requests[start : start + args.batch_size]
+            decisions = gate.answer_batch([r.load_image() for r in chunk], [r.question for r in chunk],
+                                          batch_size=args.batch_size)
+            for request, decision in zip(chunk, decisions):
+                row = {"question_id": request.sample_id, "image": str(request.image_path), "question": request.question}
+                if request.label is not None:
+                    correct = is_correct(decision.answer, request.label)
+                    row.update(label=request.label, correct=int(correct))
+                    n_labelled += 1
+                    n_correct += int(correct)
+                    if decision.accepted:
+                        n_accepted_labelled += 1
+                        n_accepted_correct += int(correct)
+                row.update(decision.to_dict())
+                handle.write(json.dumps(row, default=str) + "\n")
+    tmp.replace(out)
+    summary = {"out": str(out), **gate.stats()}
+    if n_labelled:
+        summary["accuracy"] = n_correct / n_labelled
+        summary["accuracy_of_accepted"] = n_accepted_correct / n_accepted_labelled if n_accepted_labelled else None
+    print(_json(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- build-gate
+
+
+def _parse_gray_zone(text: str) -> Any:
+    if text == "auto":
+        return "auto"
+    if text == "none":
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--gray-zone takes 'auto', 'none' or LOW,HIGH (e.g. 0.65,0.8), got {text!r}") from err
+    return (low, high)
+
+
+def _cmd_build_gate(args: argparse.Namespace) -> int:
+    from vlmrel_core.gate.runtime import build_gate_from_run
+    from vlmrel_core.analysis.splits import SplitSpec
+
+    risk_target = args.risk_target
+    if risk_target is None and args.threshold is None:
+        risk_target = DEFAULT_RISK_TARGET
+    build = build_gate_from_run(
+        args.run_dir, args.out, layer=args.layer, pooling=args.pooling, threshold=args.threshold,
+        risk_target=risk_target, delta=args.delta, calibration_method=args.calibration_method,
+        gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
+        gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
+        split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
+    )
+    report = build.report
+    summary = {
+        "bundle": str(Path(args.out) / "gate.yaml"),
+        "layer": report["layer"],
+        "pooling": report["pooling"],
+        "calibration_method": report["calibration_method"],
+        "ece_before": report["ece_before"],
+        "ece_after": report["ece_after"],
+        "test_auroc": report["test_auroc"],
+        "threshold": report["threshold"],
+        "threshold_source": report["threshold_source"],
+        "risk_certificate": report["risk_certificate"],
+        "test": report["test"],
+        "gray_zone": report["gray_zone"],
+        "gray_zone_share_test": report["gray_zone_share_test"],
+        "expected_cost_multiplier": report["expected_cost_multiplier"],
+        "calibration_summary": report["calibration_summary"],
+    }
+    print(_json(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- drift
+
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    from vlmrel_core.gate.runtime import drift_between_runs, load_gate_components, write_recalibrated_bundle
+
+    components = load_gate_components(args.config)
+    result = drift_between_runs(components, args.reference, args.current, recalibrate_on_alert=args.recalibrate,
+                                seed=args.seed)
+    recal = result.get("recalibration")
+    if args.write_calibration:
+        if recal and recal.get("done"):
+            result["written_calibration"] = str(write_recalibrated_bundle(components, recal["calibrator"], args.write_calibration))
+        else:
+            result["written_calibration"] = None
+    print(_json(result))
+    return EXIT_DRIFT_ALERT if (args.fail_on_alert and result["alert"]) else 0
+
+
+# --------------------------------------------------------------------------------------------------- wiring
+
+
+def register(subparsers: Any) -> None:
+    """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
+    p = subparsers.add_parser(
+        "gate", help="answer with a calibrated confidence and a route (one image, or a JSONL batch)",
+        description="Run the reliability gate of a bundle: the answer, its calibrated confidence, the action "
+                    "(generate / fallback / self_consistency in the gray zone) and the evidence, as JSON.",
+    )
+    p.add_argument("--config", required=True, help="gate YAML (a bundle's gate.yaml)")
+    p.add_argument("--image", default=None, help="image file (single mode)")
+    p.add_argument("--question", default=None, help="question text (single mode)")
+    p.add_argument("--data", default=None, help="JSONL with image + text/question (+ optional label): batch mode")
+    p.add_argument("--image-root", default=None, help="folder the JSONL's image paths are relative to (default: its folder)")
+    p.add_argument("--out", default=None, help="decisions JSONL (batch mode)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--device", default=None, help="override the config's model device (cpu, cuda, ...)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_cmd_gate)
+
+    p = subparsers.add_parser(
+        "build-gate", help="fit probe, calibrators and a (risk-certified) threshold on a run; write a gate bundle",
+        description="Image-grouped train / calibration / test split of a cached run: probe on train, temperature "
+                    "scaling and isotonic (probe and every output signal) and the threshold on calibration, ECE "
+                    "before/after, coverage and realised risk on test. Default: --risk-target 0.1 --delta 0.1.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="bundle directory (gate.yaml, probe/, calibration.json, report.json)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--risk-target", type=float, default=None,
+                        help=f"max share of wrong answers among those kept (default {DEFAULT_RISK_TARGET} if no --threshold)")
+    target.add_argument("--threshold", type=float, default=None, help="plain calibrated-confidence threshold")
+    p.add_argument("--delta", type=float, default=0.1, help="the risk guarantee holds with probability >= 1 - delta")
+    p.add_argument("--layer", type=int, default=None, help="probe layer (default: chosen by training-split grouped CV)")
+    p.add_argument("--pooling", default="last_token")
+    p.add_argument("--calibration-method", choices=["temperature_scaling", "isotonic"], default="temperature_scaling")
+    p.add_argument("--gray-zone", default="auto", help="'auto' (threshold ± halfwidth), 'none' or LOW,HIGH")
+    p.add_argument("--gray-zone-halfwidth", type=float, default=0.075)
+    p.add_argument("--gray-zone-action", default="self_consistency_k5", help="self_consistency_k<K>, fallback or none")
+    p.add_argument("--fallback-strategy", default="human_review")
+    p.add_argument("--model", default=None, help="model path to write into the config (default: the run's model_source)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--calibration-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_build_gate)
+
+    p = subparsers.add_parser(
+        "drift", help="KL + KS on calibrated confidences and embedding shift: current run vs reference run",
+        description="Compare the gate's calibrated confidences (histogram KL, two-sample KS) and the mean probe-layer "
+                    "embedding (cosine distance) of a current run against a reference run; alert against the "
+                    "config's monitoring thresholds; on an alert, refit the calibrator on labelled current data.",
+    )
+    p.add_argument("--config", required=True, help="gate YAML (a bundle's gate.yaml)")
+    p.add_argument("--reference", required=True, help="extraction run of in-domain data")
+    p.add_argument("--current", required=True, help="extraction run to check")
+    p.add_argument("--recalibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the calibrator on the current run's labels when drift alerts (default: retrain_trigger == auto)")
+    p.add_argument("--write-calibration", default=None, help="write the recalibrated calibration JSON here")
+    p.add_argument("--fail-on-alert", action="store_true", help=f"exit with status {EXIT_DRIFT_ALERT} when drift alerts")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_drift)

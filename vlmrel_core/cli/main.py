@@ -1,0 +1,202 @@
+"""`vlmrel` command line: parse arguments, call the library, print. No analysis lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_LATE = "sample_data/models/late_fusion"
+DEFAULT_EARLY = "sample_data/models/early_fusion"
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text in (None, "", "all"):
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated integers, got {text!r}") from err
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from vlmrel_core.engine.extract import extract
+    from vlmrel_core.engine.loading import load_vlm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_vlm(args.model, device=args.device, dtype=args.dtype,
+                      attn_implementation="eager" if args.attentions else args.attn_implementation,
+                      device_map=args.device_map)
+    bar = tqdm(unit="q", desc=f"extract {Path(args.data).name}", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        run_dir = extract(
+            loaded, args.data, args.out, image_root=args.image_root, layers=_parse_layers(args.layers),
+            poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
+            shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
+            limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: finished shards are kept in {args.out}; run the same command again to resume", file=sys.stderr)
+        return 130
+    bar.close()
+    from vlmrel_core.engine.store import RunReader
+
+    rows = RunReader(run_dir).rows
+    print(json.dumps({"run_dir": str(run_dir), "n": len(rows), "accuracy": round(float(rows["correct"].mean()), 4)}))
+    return 0
+
+
+def _cmd_generate_data(args: argparse.Namespace) -> int:
+    from vlmrel_core.data.shapes import write_split
+
+    for split in args.splits.split(","):
+        path = write_split(args.out, split, args.n_images, first_image_id=args.first_image_id,
+                           question_types=tuple(args.question_types.split(",")), file_name=args.file_name)
+        print(path)
+    return 0
+
+
+def _cmd_train_demo_models(args: argparse.Namespace) -> int:
+    from vlmrel_core.demo_models.pipeline import train_demo_models
+
+    import time
+
+    started = time.time()
+    results = train_demo_models(args.out, families=args.families.split(","), steps=args.steps, parallel=not args.sequential)
+    for result in results:
+        print(f"{result['family']}: trained in {result['train_seconds'] / 60:.1f} min "
+              f"({result['wall_seconds'] / 60:.1f} min with data preparation)")
+    print(f"all families: {(time.time() - started) / 60:.1f} min wall clock -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
+    from vlmrel_core.demo_models.pipeline import write_model_card
+
+    for family in args.families.split(","):
+        card = write_model_card(Path(args.models) / family, args.data)
+        print(json.dumps(card["accuracy"]))
+    return 0
+
+
+def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
+    from vlmrel_core.samples.refresh import refresh_sample_data
+
+    refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k,
+                        parallel=not args.sequential, threads=args.threads)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from vlmrel_core.engine.store import RunReader
+
+    reader = RunReader(args.run_dir)
+    rows = reader.rows
+    summary = reader.manifest.model_dump(exclude={"shards", "answer_tokens"})
+    summary["n_rows"] = len(rows)
+    summary["accuracy"] = round(float(rows["correct"].mean()), 4)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmrel", description="Where reliability lives inside a VLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="cache every layer's pooled states, answers and output signals for a dataset")
+    p.add_argument("--model", default=DEFAULT_LATE, help="local model directory or HF id in the local cache")
+    p.add_argument("--data", required=True, help="POPE/VQA JSONL (question_id, image, text, label)")
+    p.add_argument("--image-root", default=None, help="folder the JSONL's image paths are relative to (default: its folder)")
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds the same extraction)")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated decoder-layer indices (negative allowed)")
+    p.add_argument("--poolings", default="last_token,mean_all,mean_image,mean_text")
+    p.add_argument("--attentions", action=argparse.BooleanOptionalAction, default=True,
+                   help="capture answer-position attention over image tokens (forces eager attention)")
+    p.add_argument("--attn-implementation", default="sdpa", help="used when --no-attentions (eager is forced otherwise)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--normalization", choices=["lenient", "strict"], default="lenient")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--self-consistency", type=int, default=0, metavar="K",
+                   help="also sample K answers per question (T=0.7, top-p 0.9) and store their agreement (K x cost)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model with accelerate")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("generate-data", help="write the synthetic POPE-like splits (JSONL + PNGs)")
+    p.add_argument("--out", default="sample_data/shapes_pope")
+    p.add_argument("--splits", default="random,popular,adversarial")
+    p.add_argument("--n-images", type=int, default=500)
+    p.add_argument("--first-image-id", type=int, default=0)
+    p.add_argument("--question-types", default="existence", help="comma-separated: existence, attribute, count")
+    p.add_argument("--file-name", default=None, help="JSONL name (default: <split>.jsonl)")
+    p.set_defaults(func=_cmd_generate_data)
+
+    p = sub.add_parser("train-demo-models", help="reproduce the embedded late- and early-fusion VLMs from a seed")
+    p.add_argument("--out", default="sample_data/models")
+    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--steps", type=int, default=None, help="override the training step count (default: the shipped schedule)")
+    p.add_argument("--sequential", action="store_true", help="train one after the other instead of one process per core")
+    p.set_defaults(func=_cmd_train_demo_models)
+
+    p = sub.add_parser("evaluate-demo-models", help="measure per-split accuracy and write each model card")
+    p.add_argument("--models", default="sample_data/models")
+    p.add_argument("--data", default="sample_data/shapes_pope")
+    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.set_defaults(func=_cmd_evaluate_demo_models)
+
+    p = sub.add_parser("refresh-sample-data", help="regenerate the shipped caches, reports and gate bundles from the embedded models")
+    p.add_argument("--root", default="sample_data")
+    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--self-consistency-k", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--sequential", action="store_true", help="one family after the other instead of one process per family")
+    p.set_defaults(func=_cmd_refresh_sample_data)
+
+    p = sub.add_parser("info", help="summarise an extraction run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_info)
+
+    from vlmrel_core.cli.analysis import register as register_analysis
+    from vlmrel_core.cli.gate import register as register_gate
+    from vlmrel_core.cli.interventions import register as register_interventions
+
+    register_analysis(sub)
+    register_interventions(sub)
+    register_gate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from vlmrel_core.engine.adapters.base import AdapterError
+    from vlmrel_core.data.loader import DatasetError
+    from vlmrel_core.engine.loading import ModelLoadError
+    from vlmrel_core.engine.store import CacheError
+
+    try:
+        return int(args.func(args) or 0)
+    except (AdapterError, DatasetError, ModelLoadError, CacheError, ValueError) as err:
+        print(f"vlmrel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Per-call capture of decoder-layer hidden states (and attentions) during ONE prefill pass.
+
+Why hooks that pool inside the call: pooling in the hook means a 7B model never holds L x seq x d activations,
+and reading the layer outputs ourselves gives the same pre-final-norm residual stream for every layer (the last
+entry of `output_hidden_states` has the final norm applied, the others do not).
+
+Why a ContextVar guard: a model shared by many threads (Streamlit's `st.cache_resource`) fires every registered
+hook in every thread's forward. Each hook checks that the capture it belongs to is the one active in the calling
+thread's context, so concurrent calls never see each other's activations. Hooks are removed when the call ends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmrel_core.engine.adapters.base import AdapterError, VLMAdapter
+
+Pooling = Literal["last_token", "mean_all", "mean_image", "mean_text"]
+POOLINGS: tuple[str, ...] = ("last_token", "mean_all", "mean_image", "mean_text")
+
+_ACTIVE: contextvars.ContextVar[object | None] = contextvars.ContextVar("vlmrel_active_hook_owner", default=None)
+
+
+@contextmanager
+def activate(owner: object) -> Iterator[None]:
+    """Mark ``owner`` as the hook owner for the calling thread's context (used by capture and interventions)."""
+    token = _ACTIVE.set(owner)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def is_active(owner: object) -> bool:
+    return _ACTIVE.get() is owner
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where things are in a (left- or right-) padded batch, derived from input_ids, never from fixed counts."""
+
+    attention_mask: torch.Tensor  # (b, s) bool: real tokens
+    image_mask: torch.Tensor  # (b, s) bool: image-token positions
+    last_index: torch.Tensor  # (b,) index of the last real prompt token
+
+    @classmethod
+    def from_inputs(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> "TokenLayout":
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        last_index = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+        if (last_index < 0).any():
+            raise ValueError("a sample in the batch has no real tokens (attention mask all zero)")
+        return cls(attention_mask=mask, image_mask=(input_ids == image_token_id) & mask, last_index=last_index)
+
+    @property
+    def image_token_counts(self) -> list[int]:
+        return self.image_mask.sum(dim=1).tolist()
+
+
+@dataclass
+class CaptureResult:
+    """Filled during the call: pooled states per pooling, (b, n_layers, d) float32 on CPU, in `layers` order."""
+
+    layers: list[int]
+    poolings: tuple[str, ...]
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    attentions: list[np.ndarray] | None = None  # per sample: (n_layers, n_image_tokens), head-averaged
+    n_forward_calls: int = 0  # top-level model calls made inside the block (prefill + decode steps)
+
+
+def _pool(hidden: torch.Tensor, layout: TokenLayout, pooling: str) -> torch.Tensor:
+    hidden = hidden.float()
+    b = hidden.shape[0]
+    if pooling == "last_token":
+        return hidden[torch.arange(b, device=hidden.device), layout.last_index.to(hidden.device)]
+    if pooling == "mean_all":
+        mask = layout.attention_mask
+    elif pooling == "mean_image":
+        mask = layout.image_mask
+    elif pooling == "mean_text":
+        mask = layout.attention_mask & ~layout.image_mask
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    counts = weights.sum(dim=1).clamp_min(1.0)
+    return (hidden * weights).sum(dim=1) / counts
+
+
+def resolve_layers(n_layers: int, layers: Sequence[int] | None) -> list[int]:
+    """Decoder-layer indices (0-based, negative allowed); None means every layer."""
+    if layers is None:
+        return list(range(n_layers))
+    resolved = []
+    for layer in layers:
+        index = layer + n_layers if layer < 0 else layer
+        if not 0 <= index < n_layers:
+            raise ValueError(f"layer {layer} out of range for a decoder with {n_layers} layers")
+        resolved.append(index)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"duplicate layers in {list(layers)}")
+    return resolved
+
+
+def _check_eager(model: nn.Module) -> None:
+    configs = [model.config, getattr(model.config, "get_text_config", lambda: model.config)()]
+    impls = {getattr(c, "_attn_implementation", None) for c in configs}
+    if not impls & {"eager"}:
+        raise AdapterError(
+            f"attention maps need eager attention, but the model runs {sorted(str(i) for i in impls)}; "
+            "load it with attn_implementation='eager' (SDPA/FlashAttention return no weights)"
+        )
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    adapter: VLMAdapter,
+    layout: TokenLayout,
+    layers: Sequence[int] | None = None,
+    poolings: Sequence[str] = POOLINGS,
+    attentions: bool = False,
+) -> Iterator[CaptureResult]:
+    """Capture the first forward call (the prefill) made inside the block; later decode steps are ignored."""
+    decoder_layers = adapter.decoder_layers(model)
+    chosen = resolve_layers(len(decoder_layers), layers)
+    for pooling in poolings:
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    if attentions:
+        _check_eager(model)
+    result = CaptureResult(layers=chosen, poolings=tuple(poolings))
+    pooled: dict[int, dict[str, torch.Tensor]] = {}
+    attn_rows: dict[int, torch.Tensor] = {}
+    owner = object()
+    handles = []
+
+    def layer_hook(layer_index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not is_active(owner) or layer_index in pooled:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] != layout.attention_mask.shape[1]:
+                return  # not the prefill of this batch (a decode step)
+            pooled[layer_index] = {p: _pool(hidden, layout, p).detach().cpu() for p in poolings}
+
+        return hook
+
+    def attention_hook(layer_index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not is_active(owner) or layer_index in attn_rows:
+                return
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise AdapterError("the attention module returned no weights; load the model with attn_implementation='eager'")
+            if weights.shape[-2] != layout.attention_mask.shape[1]:
+                return
+            b = weights.shape[0]
+            rows = weights[torch.arange(b, device=weights.device), :, layout.last_index.to(weights.device), :]
+            attn_rows[layer_index] = rows.float().mean(dim=1).detach().cpu()  # (b, keys), head-averaged
+
+        return hook
+
+    def count_hook(module: nn.Module, args: Any) -> None:
+        if is_active(owner):
+            result.n_forward_calls += 1
+
+    try:
+        handles.append(model.register_forward_pre_hook(count_hook))
+        for index in chosen:
+            handles.append(decoder_layers[index].register_forward_hook(layer_hook(index)))
+            if attentions:
+                attention = adapter.attention_module(decoder_layers[index])
+                handles.append(attention.register_forward_hook(attention_hook(index)))
+        with activate(owner):
+            yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in chosen if i not in pooled]
+    if missing:
+        raise AdapterError(f"no prefill output was captured for layers {missing}; was the model called inside capture()?")
+    result.states = {p: torch.stack([pooled[i][p] for i in chosen], dim=1) for p in poolings}
+    if attentions:
+        image_mask = layout.image_mask.cpu()
+        per_sample = []
+        for b in range(image_mask.shape[0]):
+            per_sample.append(np.stack([attn_rows[i][b][image_mask[b]].numpy() for i in chosen]))
+        result.attentions = per_sample

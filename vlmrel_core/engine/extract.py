@@ -1,0 +1,195 @@
+"""`vlmrel extract`: run a model over a dataset once and cache everything later stages need.
+
+Why cache: every probe, control, calibration and report is arithmetic on these arrays, so the expensive model
+pass happens once; the cache resumes after an interruption and records exactly what produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from vlmrel_core import __version__
+from vlmrel_core.engine.adapters.base import NormalizationMode, normalize_answer
+from vlmrel_core.engine.capture import POOLINGS, resolve_layers
+from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
+from vlmrel_core.engine.loading import LoadedVLM
+from vlmrel_core.engine.run import BatchRecord, run_batch
+from vlmrel_core.engine.store import RunManifest, RunWriter
+
+
+def image_statistics(image: Image.Image) -> dict[str, float]:
+    """Features of no model (the 'no-model' confound control): colour means, contrast, edge density."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    grey = pixels.mean(axis=2)
+    edges = np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()
+    return {
+        "image_mean_r": float(pixels[..., 0].mean()),
+        "image_mean_g": float(pixels[..., 1].mean()),
+        "image_mean_b": float(pixels[..., 2].mean()),
+        "image_std": float(pixels.std()),
+        "image_edge_density": float(edges),
+    }
+
+
+def is_correct(answer: str, label: str) -> bool:
+    return bool(answer) and answer == normalize_answer(label, "lenient")
+
+
+def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> pd.DataFrame:
+    rows = []
+    for i, sample in enumerate(samples):
+        label = normalize_answer(sample.label, "lenient")
+        grid = record.image_grids[i]  # None: image tokens in tiles (Idefics3/SmolVLM), no single patch grid
+        row = {
+            "sample_id": sample.sample_id,
+            "image": _relative(sample.image_path, dataset_root),
+            "question": sample.question,
+            "label": label,
+            "answer_text": record.answer_text[i],
+            "answer": record.answer[i],
+            "answer_strict": record.answer_strict[i],
+            "correct": int(is_correct(record.answer[i], label)),
+            "correct_strict": int(record.answer_strict[i] == label),
+            "n_image_tokens": record.image_token_counts[i],
+            "grid_h": grid[0] if grid else -1,
+            "grid_w": grid[1] if grid else -1,
+            "question_length": len(sample.question.split()),
+        }
+        for key in ("question_type", "split", "asked_object", "image_id"):
+            if key in sample.metadata:
+                row[key] = sample.metadata[key]
+        row.update({name: float(values[i]) for name, values in record.output.items()})
+        row.update(image_statistics(images[i]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _add_self_consistency(
+    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], frame: pd.DataFrame,
+    k: int, max_new_tokens: int, normalization: NormalizationMode,
+) -> pd.DataFrame:
+    from vlmrel_core.engine.self_consistency import sample_answers
+    from vlmrel_core.signals.consistency import SelfConsistencyConfig
+
+    config = SelfConsistencyConfig(k=k)
+    results = [sample_answers(loaded, image, s.question, config, max_new_tokens, normalization) for s, image in zip(samples, images)]
+    frame = frame.copy()
+    frame["sc_agreement"] = [r.agreement for r in results]
+    frame["sc_majority"] = [r.majority_answer for r in results]
+    frame["sc_majority_correct"] = [int(is_correct(r.majority_answer, label)) for r, label in zip(results, frame["label"])]
+    frame["sc_k"] = k
+    return frame
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _tensors_for_batch(record: BatchRecord) -> dict[str, np.ndarray]:
+    tensors = {f"states.{p}": s.astype(np.float16) for p, s in record.states.items()}
+    if record.lens_logodds is not None:
+        tensors["lens_logodds"] = record.lens_logodds.astype(np.float32)
+    if record.attentions is not None:
+        width = max(a.shape[1] for a in record.attentions)
+        padded = np.zeros((len(record.attentions), record.attentions[0].shape[0], width), dtype=np.float32)
+        for i, a in enumerate(record.attentions):
+            padded[i, :, : a.shape[1]] = a
+        tensors["attention_image"] = padded
+        tensors["attention_counts"] = np.asarray([a.shape[1] for a in record.attentions], dtype=np.int32)
+    return tensors
+
+
+def extract(
+    loaded: LoadedVLM,
+    data_path: str | Path,
+    out_dir: str | Path,
+    image_root: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    poolings: Sequence[str] = POOLINGS,
+    attentions: bool = True,
+    batch_size: int = 16,
+    shard_size: int = 256,
+    max_new_tokens: int = 8,
+    normalization: NormalizationMode = "lenient",
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    self_consistency_k: int = 0,
+) -> Path:
+    """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
+
+    ``self_consistency_k`` > 0 also draws K sampled answers per question (T=0.7, top-p 0.9, seeded) and stores
+    their agreement: the behavioural baseline, at K extra sampled sequences per question.
+    """
+    if shard_size < batch_size or shard_size % batch_size:
+        raise ValueError("shard_size must be a multiple of batch_size")
+    samples = load_vqa_jsonl(data_path, image_root)
+    if limit is not None:
+        samples = samples[:limit]
+    chosen_layers = resolve_layers(loaded.n_layers, layers)
+    manifest = RunManifest(
+        model_source=loaded.source,
+        model_type=loaded.model.config.model_type,
+        family=loaded.adapter.family,
+        fusion=loaded.adapter.fusion,
+        model_fingerprint=loaded.fingerprint,
+        n_layers=loaded.n_layers,
+        hidden_size=loaded.hidden_size,
+        layers=chosen_layers,
+        poolings=list(poolings),
+        attentions=attentions,
+        attn_implementation=loaded.attn_implementation,
+        dtype=loaded.dtype,
+        dataset_path=str(data_path),
+        dataset_hash=dataset_hash(data_path, samples),
+        n_samples=len(samples),
+        answer_tokens=loaded.answer_tokens.to_dict(),
+        normalization=normalization,
+        max_new_tokens=max_new_tokens,
+        self_consistency_k=self_consistency_k,
+        vlmrel_version=__version__,
+    )
+    writer = RunWriter(out_dir, manifest)
+    done = writer.done_ids()
+    todo = [s for s in samples if s.sample_id not in done]
+    dataset_root = Path(image_root) if image_root is not None else Path(data_path).parent
+    dataset_root = dataset_root.resolve()
+    completed = len(samples) - len(todo)
+    if progress:
+        progress(completed, len(samples))
+    for shard_start in range(0, len(todo), shard_size):
+        shard_samples = todo[shard_start : shard_start + shard_size]
+        frames, tensor_parts = [], []
+        for start in range(0, len(shard_samples), batch_size):
+            batch = shard_samples[start : start + batch_size]
+            images = [s.load_image() for s in batch]
+            record = run_batch(
+                loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
+                max_new_tokens=max_new_tokens, normalization=normalization,
+            )
+            frame = _rows_for_batch(batch, images, record, dataset_root)
+            if self_consistency_k:
+                frame = _add_self_consistency(loaded, batch, images, frame, self_consistency_k, max_new_tokens, normalization)
+            frames.append(frame)
+            tensor_parts.append(_tensors_for_batch(record))
+            completed += len(batch)
+            if progress:
+                progress(completed, len(samples))
+        tensors = {}
+        for name in tensor_parts[0]:
+            parts = [p[name] for p in tensor_parts]
+            if name == "attention_image":
+                width = max(p.shape[2] for p in parts)
+                parts = [np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[2]))) for p in parts]
+            tensors[name] = np.concatenate(parts)
+        # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
+        # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
+        writer.write_shard(pd.concat(frames, ignore_index=True), tensors)
+    return Path(out_dir)

@@ -1,0 +1,161 @@
+"""Run a VLM on (image, question) pairs: ONE generate call whose prefill is captured, giving the answer,
+the answer-position logits summary, pooled states for every chosen layer, attentions and the logit lens.
+
+Why generate and not a separate forward: the probe must read the very pass that produces the answer (zero extra
+forward passes), and calling the model as `generate` does keeps position ids, M-RoPE deltas and PaliGemma's
+token_type_ids exactly as the model expects them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable, NormalizationMode
+from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture
+from vlmrel_core.engine.loading import LoadedVLM
+from vlmrel_core.signals.output import output_signals
+
+
+@dataclass
+class BatchRecord:
+    """Everything one batch produced; arrays are numpy, first axis = sample."""
+
+    answer_text: list[str]
+    answer: list[str]  # lenient-normalised
+    answer_strict: list[str]
+    output: dict[str, np.ndarray]  # p_yes, p_no, max_answer_prob, margins, entropy, mean_token_logprob ...
+    states: dict[str, np.ndarray]  # pooling -> (b, n_layers, d) float32
+    layers: list[int]
+    lens_logodds: np.ndarray | None  # (b, n_layers) yes-vs-no log-odds through final norm + unembedding
+    attentions: list[np.ndarray] | None  # per sample (n_layers, n_image_tokens)
+    image_token_counts: list[int]
+    image_grids: list[tuple[int, int] | None]  # None: the adapter cannot lay the image tokens on one grid (tiles)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_forward_calls: int = 0
+
+
+def _as_rgb(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+
+
+def _logit_lens(loaded: LoadedVLM, last_token_states: torch.Tensor, answer_tokens: AnswerTokens) -> np.ndarray:
+    """Yes-vs-no log-odds per layer: final norm then unembedding on each layer's (pre-norm) last-token state."""
+    norm = loaded.adapter.final_norm(loaded.model)
+    head = loaded.adapter.unembedding(loaded.model)
+    b, n_layers, d = last_token_states.shape
+    param = next(head.parameters())
+    with torch.no_grad():
+        flat = last_token_states.reshape(b * n_layers, d).to(param.device, param.dtype)
+        logits = head(norm(flat)).float()
+        logits = _final_logit_transform(loaded, logits)
+        yes = torch.logsumexp(logits[:, list(answer_tokens.yes_ids)], dim=-1)
+        no = torch.logsumexp(logits[:, list(answer_tokens.no_ids)], dim=-1)
+    return (yes - no).reshape(b, n_layers).cpu().numpy()
+
+
+def _final_logit_transform(loaded: LoadedVLM, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma-2-style final logit soft-capping, when the text config asks for it."""
+    cap = getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def run_batch(
+    loaded: LoadedVLM,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    layers: Sequence[int] | None = None,
+    poolings: Sequence[str] = POOLINGS,
+    attentions: bool = False,
+    logit_lens: bool = True,
+    max_new_tokens: int = 8,
+    normalization: NormalizationMode = "lenient",
+) -> BatchRecord:
+    """Greedy answers for a batch plus everything the probes, signals and gate need, from one generate call."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images for {len(questions)} questions")
+    if not questions:
+        raise ValueError("empty batch")
+    adapter, model = loaded.adapter, loaded.model
+    t0 = time.perf_counter()
+    with loaded.processor_lock:
+        inputs = adapter.prepare_inputs(loaded.processor, [_as_rgb(i) for i in images], list(questions))
+    answer_tokens = loaded.answer_tokens
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    layout = TokenLayout.from_inputs(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
+    t1 = time.perf_counter()
+    with torch.no_grad(), capture(model, adapter, layout, layers, poolings, attentions) as captured:
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    t2 = time.perf_counter()
+    prompt_length = inputs["input_ids"].shape[1]
+    new_tokens = generated.sequences[:, prompt_length:]
+    with loaded.processor_lock:
+        answer_text = [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    step_logits = torch.stack([_final_logit_transform(loaded, l.float()) for l in generated.logits], dim=1)  # (b, T, V)
+    answer_logits = step_logits[:, 0].cpu().numpy()
+    output = output_signals(answer_logits, answer_tokens.yes_ids, answer_tokens.no_ids)
+    output["mean_token_logprob"] = _mean_token_logprob(step_logits, new_tokens, loaded.tokenizer)
+    lens = _logit_lens(loaded, captured.states["last_token"], answer_tokens) if logit_lens and "last_token" in poolings else None
+    grids = [_image_grid_or_none(adapter, model, inputs, i, n) for i, n in enumerate(layout.image_token_counts)]
+    t3 = time.perf_counter()
+    return BatchRecord(
+        answer_text=answer_text,
+        answer=[adapter.normalize(t, normalization) for t in answer_text],
+        answer_strict=[adapter.normalize(t, "strict") for t in answer_text],
+        output=output,
+        states={p: s.numpy() for p, s in captured.states.items()},
+        layers=captured.layers,
+        lens_logodds=lens,
+        attentions=captured.attentions,
+        image_token_counts=layout.image_token_counts,
+        image_grids=grids,
+        timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "postprocess_s": t3 - t2},
+        n_forward_calls=captured.n_forward_calls,
+    )
+
+
+def _image_grid_or_none(
+    adapter: Any, model: Any, inputs: dict[str, torch.Tensor], sample: int, n: int
+) -> tuple[int, int] | None:
+    """The sample's patch grid, or None when its image tokens form no single grid (Idefics3/SmolVLM tiles): states,
+    output signals and per-token attentions do not need one, so only the grid is missing, not the batch."""
+    try:
+        return adapter.image_grid(model, inputs, sample, n)
+    except ImageGridUnavailable:
+        return None
+
+
+def _mean_token_logprob(step_logits: torch.Tensor, new_tokens: torch.Tensor, tokenizer: Any) -> np.ndarray:
+    """Mean log-probability of each sample's generated tokens, up to and including the first EOS."""
+    logprobs = torch.log_softmax(step_logits, dim=-1)
+    n_steps = step_logits.shape[1]
+    chosen = logprobs.gather(-1, new_tokens[:, :n_steps].unsqueeze(-1).to(logprobs.device)).squeeze(-1)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    means = []
+    for row_tokens, row_lp in zip(new_tokens.tolist(), chosen.tolist()):
+        values = []
+        for token, lp in zip(row_tokens, row_lp):
+            if token == pad and token != eos and values:
+                break
+            values.append(lp)
+            if token == eos:
+                break
+        means.append(float(np.mean(values)) if values else float("nan"))
+    return np.asarray(means)
