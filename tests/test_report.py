@@ -6,7 +6,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from synthetic_runs import make_run
-from vlmrel_core.cli import analysis
+from vlmrel_core.cli import analysis as cli_analysis
 from vlmrel_core.analysis.probes import load_probe
 from vlmrel_core.analysis.report import build_report, write_report
 from vlmrel_core.analysis.splits import SplitSpec, make_split
