@@ -13,7 +13,7 @@ from vlmrel_core.interventions import core as iv
 from vlmrel_core.engine.capture import TokenLayout, capture
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.engine.extract import is_correct
+from vlmrel_core.engine.adapters.base import is_correct
 from vlmrel_core.engine.run import run_batch
 
 QUESTIONS = ["is there a red circle in the image?", "how many squares are there?", "what colour is the cross?"]

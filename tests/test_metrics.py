@@ -12,7 +12,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from vlmrel_core.analysis.metrics import (
     Estimate,
-    _auroc_rows,
+    auroc_rows,
     area_under_risk_coverage,
     auroc,
     auroc_ci,
@@ -63,7 +63,7 @@ def test_vectorised_auroc_equals_sklearn_with_ties() -> None:
     labels = rng.integers(0, 2, size=(20, 60))
     scores = rng.integers(0, 5, size=(20, 60)).astype(float)  # heavy ties
     expected = [roc_auc_score(labels[i], scores[i]) for i in range(20)]
-    np.testing.assert_allclose(_auroc_rows(labels, scores), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(auroc_rows(labels, scores), expected, rtol=0, atol=1e-12)
 
 
 def test_auroc_ci_is_the_percentile_bootstrap_of_sklearn_auroc() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 
-from vlmrel_core.analysis.metrics import Estimate, _labels_and_scores, _percentile_interval, _require_both_classes
+from vlmrel_core.analysis.metrics import Estimate, labels_and_scores, percentile_interval, require_both_classes
 
 # Cap on replicates x rows materialised at once (weights are float64: 2M cells = 16 MB).
 _MAX_CELLS = 2_000_000
@@ -81,11 +81,11 @@ def grouped_auroc_ci(
     correct: ArrayLike, score: ArrayLike, groups: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> Estimate:
     """AUROC with a percentile interval from resampling whole groups."""
-    labels, scores = _labels_and_scores(correct, score)
-    _require_both_classes(labels, "AUROC")
+    labels, scores = labels_and_scores(correct, score)
+    require_both_classes(labels, "AUROC")
     index, n_groups = _group_index(groups, labels.size)
     replicates = _group_bootstrap(index, n_groups, lambda w: weighted_auroc_rows(labels, scores, w), n_boot, seed)
-    return Estimate(float(roc_auc_score(labels, scores)), *_percentile_interval(replicates, alpha))
+    return Estimate(float(roc_auc_score(labels, scores)), *percentile_interval(replicates, alpha))
 
 
 def grouped_auroc_gain_ci(
@@ -98,9 +98,9 @@ def grouped_auroc_gain_ci(
     alpha: float = 0.05,
 ) -> Estimate:
     """AUROC(a) − AUROC(b), paired (same resampled groups for both), resampling whole groups."""
-    labels, scores_a = _labels_and_scores(correct, score_a, "score_a")
-    _, scores_b = _labels_and_scores(correct, score_b, "score_b")
-    _require_both_classes(labels, "AUROC")
+    labels, scores_a = labels_and_scores(correct, score_a, "score_a")
+    _, scores_b = labels_and_scores(correct, score_b, "score_b")
+    require_both_classes(labels, "AUROC")
     index, n_groups = _group_index(groups, labels.size)
 
     def gain(weights: np.ndarray) -> np.ndarray:
@@ -108,4 +108,4 @@ def grouped_auroc_gain_ci(
 
     replicates = _group_bootstrap(index, n_groups, gain, n_boot, seed)
     value = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
-    return Estimate(value, *_percentile_interval(replicates, alpha))
+    return Estimate(value, *percentile_interval(replicates, alpha))

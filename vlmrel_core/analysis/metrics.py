@@ -30,7 +30,7 @@ _BOOTSTRAP_MAX_DRAW_FACTOR = 20
 # --------------------------------------------------------------------------------------------------- validation
 
 
-def _as_binary_labels(correct: ArrayLike, name: str = "correct") -> np.ndarray:
+def as_binary_labels(correct: ArrayLike, name: str = "correct") -> np.ndarray:
     """1-D int array of 0/1; rejects anything else, because a silently thresholded label hides a data bug."""
     labels = np.asarray(correct)
     if labels.ndim != 1:
@@ -49,7 +49,7 @@ def _as_binary_labels(correct: ArrayLike, name: str = "correct") -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _as_finite_1d(values: ArrayLike, name: str) -> np.ndarray:
+def as_finite_1d(values: ArrayLike, name: str) -> np.ndarray:
     """1-D float array with no NaN/inf: one NaN score would otherwise poison every rank-based metric."""
     array = np.asarray(values, dtype=float)
     if array.ndim != 1:
@@ -62,17 +62,17 @@ def _as_finite_1d(values: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
-def _labels_and_scores(
+def labels_and_scores(
     correct: ArrayLike, score: ArrayLike, score_name: str = "score"
 ) -> tuple[np.ndarray, np.ndarray]:
-    labels = _as_binary_labels(correct)
-    scores = _as_finite_1d(score, score_name)
+    labels = as_binary_labels(correct)
+    scores = as_finite_1d(score, score_name)
     if labels.shape[0] != scores.shape[0]:
         raise ValueError(f"correct has {labels.shape[0]} entries but {score_name} has {scores.shape[0]}")
     return labels, scores
 
 
-def _require_both_classes(labels: np.ndarray, what: str) -> None:
+def require_both_classes(labels: np.ndarray, what: str) -> None:
     n_correct = int(labels.sum())
     if n_correct == 0 or n_correct == labels.size:
         only = "correct" if n_correct else "wrong"
@@ -83,7 +83,7 @@ def _require_both_classes(labels: np.ndarray, what: str) -> None:
 
 
 def _as_probabilities(prob: ArrayLike) -> np.ndarray:
-    probs = _as_finite_1d(prob, "prob")
+    probs = as_finite_1d(prob, "prob")
     if probs.min() < 0.0 or probs.max() > 1.0:
         raise ValueError(
             f"prob must lie in [0, 1], got range [{probs.min():.4g}, {probs.max():.4g}]; "
@@ -146,12 +146,12 @@ def _bootstrap_distribution(
     return np.concatenate(replicates)[:n_boot]
 
 
-def _percentile_interval(replicates: np.ndarray, alpha: float) -> tuple[float, float]:
+def percentile_interval(replicates: np.ndarray, alpha: float) -> tuple[float, float]:
     low, high = np.quantile(replicates, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(low), float(high)
 
 
-def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of every row at once via the Mann–Whitney U statistic with mid-ranks.
 
     Identical to ``roc_auc_score`` (ties count one half) but vectorised over bootstrap resamples, where calling
@@ -182,8 +182,8 @@ def _pearson_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def auroc(correct: ArrayLike, score: ArrayLike) -> float:
     """Area under the ROC curve of ``score`` for predicting ``correct`` (0.5 = chance, ties count one half)."""
-    labels, scores = _labels_and_scores(correct, score)
-    _require_both_classes(labels, "AUROC")
+    labels, scores = labels_and_scores(correct, score)
+    require_both_classes(labels, "AUROC")
     return float(roc_auc_score(labels, scores))
 
 
@@ -196,12 +196,12 @@ def auroc_ci(
     error, and the bootstrap needs no normality assumption. Single-class resamples are redrawn.
     """
     _check_alpha(alpha)
-    labels, scores = _labels_and_scores(correct, score)
-    _require_both_classes(labels, "AUROC")
+    labels, scores = labels_and_scores(correct, score)
+    require_both_classes(labels, "AUROC")
     replicates = _bootstrap_distribution(
-        labels.size, lambda idx: _auroc_rows(labels[idx], scores[idx]), n_boot, seed
+        labels.size, lambda idx: auroc_rows(labels[idx], scores[idx]), n_boot, seed
     )
-    return Estimate(float(roc_auc_score(labels, scores)), *_percentile_interval(replicates, alpha))
+    return Estimate(float(roc_auc_score(labels, scores)), *percentile_interval(replicates, alpha))
 
 
 def auroc_gain_ci(
@@ -218,17 +218,17 @@ def auroc_gain_ci(
     two independent intervals that overlap would wrongly suggest "no difference".
     """
     _check_alpha(alpha)
-    labels, scores_a = _labels_and_scores(correct, score_a, "score_a")
-    _, scores_b = _labels_and_scores(correct, score_b, "score_b")
-    _require_both_classes(labels, "AUROC")
+    labels, scores_a = labels_and_scores(correct, score_a, "score_a")
+    _, scores_b = labels_and_scores(correct, score_b, "score_b")
+    require_both_classes(labels, "AUROC")
 
     def gain_rows(idx: np.ndarray) -> np.ndarray:
         resampled_labels = labels[idx]
-        return _auroc_rows(resampled_labels, scores_a[idx]) - _auroc_rows(resampled_labels, scores_b[idx])
+        return auroc_rows(resampled_labels, scores_a[idx]) - auroc_rows(resampled_labels, scores_b[idx])
 
     replicates = _bootstrap_distribution(labels.size, gain_rows, n_boot, seed)
     gain = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
-    return Estimate(gain, *_percentile_interval(replicates, alpha))
+    return Estimate(gain, *percentile_interval(replicates, alpha))
 
 
 # --------------------------------------------------------------------------------------------------- correlation
@@ -251,8 +251,8 @@ def point_biserial(
     then unused.
     """
     _check_alpha(alpha)
-    labels, scores = _labels_and_scores(correct, score)
-    _require_both_classes(labels, "point-biserial correlation")
+    labels, scores = labels_and_scores(correct, score)
+    require_both_classes(labels, "point-biserial correlation")
     if np.ptp(scores) == 0.0:
         raise ValueError(f"score is constant ({scores[0]!r}); its correlation with correctness is undefined")
     value = float(stats.pointbiserialr(labels, scores).statistic)
@@ -267,7 +267,7 @@ def point_biserial(
     replicates = _bootstrap_distribution(
         labels.size, lambda idx: _pearson_rows(labels_float[idx], scores[idx]), n_boot, seed
     )
-    return Estimate(value, *_percentile_interval(replicates, alpha))
+    return Estimate(value, *percentile_interval(replicates, alpha))
 
 
 # --------------------------------------------------------------------------------------------------- calibration
@@ -307,7 +307,7 @@ def reliability_bins(
     Same binning as ``sklearn.calibration.calibration_curve`` (so plots and ECE agree with it), but also returns
     the counts, which sklearn discards and which ECE and any honest plot need.
     """
-    labels = _as_binary_labels(correct)
+    labels = as_binary_labels(correct)
     probs = _as_probabilities(prob)
     if labels.size != probs.size:
         raise ValueError(f"correct has {labels.size} entries but prob has {probs.size}")
@@ -352,7 +352,7 @@ def max_calibration_error(
 
 def brier_score(correct: ArrayLike, prob: ArrayLike) -> float:
     """Mean squared error of the probability of being correct (sklearn ``brier_score_loss``)."""
-    labels = _as_binary_labels(correct)
+    labels = as_binary_labels(correct)
     probs = _as_probabilities(prob)
     if labels.size != probs.size:
         raise ValueError(f"correct has {labels.size} entries but prob has {probs.size}")
@@ -393,11 +393,11 @@ def risk_coverage_curve(
 
     Tied confidences are kept or dropped together, so the curve does not depend on the order of ties.
     """
-    labels, confidences = _labels_and_scores(correct, confidence, "confidence")
+    labels, confidences = labels_and_scores(correct, confidence, "confidence")
     if thresholds is None:
         candidate_thresholds = np.unique(confidences)[::-1]
     else:
-        candidate_thresholds = np.unique(_as_finite_1d(thresholds, "thresholds"))[::-1]
+        candidate_thresholds = np.unique(as_finite_1d(thresholds, "thresholds"))[::-1]
     order = np.argsort(confidences, kind="stable")
     sorted_confidences = confidences[order]
     errors_from_top = np.concatenate(([0], np.cumsum((1 - labels[order])[::-1])))

@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from vlmrel_core import __version__
-from vlmrel_core.analysis.metrics import Estimate, _as_binary_labels, _auroc_rows, _require_both_classes, auroc_ci
+from vlmrel_core.analysis.metrics import Estimate, as_binary_labels, auroc_rows, require_both_classes, auroc_ci
 from vlmrel_core.analysis.splits import Split, SplitSpec, group_keys, grouped_folds, labels_of, make_split
 from vlmrel_core.engine.store import RunManifest, RunReader
 
@@ -293,7 +293,7 @@ def cv_auroc_by_c(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(X_tr, y[tr])
-            per_fold[f, j] = _auroc_rows(y[va][None, :], model.decision_function(X_va)[None, :])[0]
+            per_fold[f, j] = auroc_rows(y[va][None, :], model.decision_function(X_va)[None, :])[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(per_fold, axis=0)
@@ -316,11 +316,11 @@ def fit_probe(
     ...); hidden_size defaults to the feature count.
     """
     features = _as_matrix(X)
-    labels = _as_binary_labels(np.asarray(y), "y")
+    labels = as_binary_labels(np.asarray(y), "y")
     groups = np.asarray(groups)
     if labels.shape[0] != features.shape[0] or groups.shape[0] != features.shape[0]:
         raise ProbeError(f"X has {features.shape[0]} rows, y {labels.shape[0]}, groups {groups.shape[0]}")
-    _require_both_classes(labels, "a probe")
+    require_both_classes(labels, "a probe")
     if not c_grid:
         raise ProbeError("c_grid is empty")
     folds = grouped_folds(labels, groups, n_folds, seed)

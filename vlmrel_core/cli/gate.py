@@ -54,7 +54,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ValueError("batch mode needs --out OUT.jsonl")
-    from vlmrel_core.engine.extract import is_correct
+    from vlmrel_core.engine.adapters.base import is_correct
 
     requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
     if args.limit is not None:

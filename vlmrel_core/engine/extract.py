@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from vlmrel_core import __version__
-from vlmrel_core.engine.adapters.base import NormalizationMode, normalize_answer
+from vlmrel_core.engine.adapters.base import NormalizationMode, is_correct, normalize_answer
 from vlmrel_core.engine.capture import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
@@ -34,10 +34,6 @@ def image_statistics(image: Image.Image) -> dict[str, float]:
         "image_std": float(pixels.std()),
         "image_edge_density": float(edges),
     }
-
-
-def is_correct(answer: str, label: str) -> bool:
-    return bool(answer) and answer == normalize_answer(label, "lenient")
 
 
 def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, logit, softmax
 from sklearn.isotonic import IsotonicRegression
 
-from vlmrel_core.analysis.metrics import _as_binary_labels, _as_finite_1d, _require_both_classes
+from vlmrel_core.analysis.metrics import as_binary_labels, as_finite_1d, require_both_classes
 
 ScoreKind = Literal["prob", "logit"]
 CalibrationMethod = Literal["temperature_scaling", "isotonic"]
@@ -99,10 +99,10 @@ class TemperatureScaler:
         """Fit T. Binary: ``correct`` is 0/1 per row. Multi-class: ``correct`` holds the true class index per row."""
         z = _scores_to_logits(logits, self.score_kind)
         if z.ndim == 1:
-            labels = _as_binary_labels(correct)
+            labels = as_binary_labels(correct)
             if labels.size != z.size:
                 raise ValueError(f"correct has {labels.size} entries but scores have {z.size}")
-            _require_both_classes(labels, "temperature scaling")
+            require_both_classes(labels, "temperature scaling")
 
             def negative_log_likelihood(log_t: float) -> float:
                 scaled = z / np.exp(log_t)
@@ -192,11 +192,11 @@ class IsotonicCalibrator:
     y_thresholds: np.ndarray | None = None
 
     def fit(self, scores: ArrayLike, correct: ArrayLike) -> IsotonicCalibrator:
-        x = _as_finite_1d(scores, "scores")
-        labels = _as_binary_labels(correct)
+        x = as_finite_1d(scores, "scores")
+        labels = as_binary_labels(correct)
         if labels.size != x.size:
             raise ValueError(f"correct has {labels.size} entries but scores have {x.size}")
-        _require_both_classes(labels, "isotonic calibration")
+        require_both_classes(labels, "isotonic calibration")
         regression = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
         regression.fit(x, labels.astype(float))
         self.x_thresholds = np.asarray(regression.X_thresholds_, dtype=float)

@@ -18,7 +18,7 @@ from scipy import stats
 from scipy.spatial.distance import cosine
 
 from vlmrel_core.gate.calibration import AnyCalibrator, CalibrationMethod, ScoreKind, fit_calibrator
-from vlmrel_core.analysis.metrics import _as_binary_labels, _as_finite_1d
+from vlmrel_core.analysis.metrics import as_binary_labels, as_finite_1d
 
 # Fewer labelled samples than this and a refitted calibrator is noisier than the drifted one it replaces.
 MIN_RECALIBRATION_SAMPLES = 30
@@ -37,8 +37,8 @@ def histogram_kl(
     gives a large but finite value. Values outside ``range`` are counted in the edge bins (``np.histogram`` would
     drop them silently, hiding exactly the drift we look for). ``range=None`` uses the reference's min and max.
     """
-    reference_values = _as_finite_1d(reference, "reference")
-    current_values = _as_finite_1d(current, "current")
+    reference_values = as_finite_1d(reference, "reference")
+    current_values = as_finite_1d(current, "current")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     if eps <= 0:
@@ -112,7 +112,7 @@ class DriftMonitor:
         bins: int = 10,
         confidence_range: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
-        self.reference_confidence = _as_finite_1d(reference_confidence, "reference_confidence")
+        self.reference_confidence = as_finite_1d(reference_confidence, "reference_confidence")
         self.reference_embedding_mean = (
             None
             if reference_embedding_mean is None
@@ -132,7 +132,7 @@ class DriftMonitor:
 
     def check(self, current_confidence: ArrayLike, current_embeddings: ArrayLike | None = None) -> DriftReport:
         """Compare one batch against the reference."""
-        current = _as_finite_1d(current_confidence, "current_confidence")
+        current = as_finite_1d(current_confidence, "current_confidence")
         kl = histogram_kl(self.reference_confidence, current, bins=self.bins, range=self.confidence_range)
         ks = stats.ks_2samp(self.reference_confidence, current)
         reasons: list[str] = []
@@ -170,7 +170,7 @@ class DriftMonitor:
         Returns None until ``window`` values have been seen, then a report on the most recent ``window`` values
         after every update.
         """
-        values = _as_finite_1d(np.atleast_1d(np.asarray(confidence, dtype=float)), "confidence")
+        values = as_finite_1d(np.atleast_1d(np.asarray(confidence, dtype=float)), "confidence")
         self._recent_confidence.extend(values.tolist())
         if len(self._recent_confidence) < self.window:
             return None
@@ -202,7 +202,7 @@ def recalibrate(
     The returned calibrator replaces the old one; the risk threshold must be re-selected on calibrated scores too,
     and a new ``DriftMonitor`` built from the new reference.
     """
-    labels = _as_binary_labels(correct)
+    labels = as_binary_labels(correct)
     if labels.size < MIN_RECALIBRATION_SAMPLES:
         raise ValueError(
             f"recalibration needs at least {MIN_RECALIBRATION_SAMPLES} labelled samples, got {labels.size}"

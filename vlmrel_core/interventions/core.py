@@ -32,7 +32,7 @@ from torch import nn
 from vlmrel_core.engine.adapters.base import AdapterError
 from vlmrel_core.engine.capture import resolve_layers
 from vlmrel_core.data.loader import VQASample
-from vlmrel_core.engine.extract import is_correct
+from vlmrel_core.engine.adapters.base import is_correct
 from vlmrel_core.engine.run import run_batch
 
 AblationMode = Literal["zero", "mean"]

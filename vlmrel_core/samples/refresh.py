@@ -34,7 +34,7 @@ def write_drift_data(root: Path, n_images: int = DRIFT_IMAGES) -> dict[str, Path
 def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
     """The gate answering fresh questions end to end: routing shares, accuracy kept, measured cost multiplier."""
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.engine.extract import is_correct
+    from vlmrel_core.engine.adapters.base import is_correct
 
     samples = load_vqa_jsonl(data_path)
     decisions = gate.answer_batch([s.load_image() for s in samples], [s.question for s in samples], batch_size=32)

@@ -180,3 +180,7 @@ class VLMAdapter:
     def normalize(self, text: str, mode: NormalizationMode = "lenient") -> str:
         return normalize_answer(text, mode)
 
+
+def is_correct(answer: str, label: str) -> bool:
+    """A normalised answer is right when it equals the leniently normalised label (empty answers never are)."""
+    return bool(answer) and answer == normalize_answer(label, "lenient")
