@@ -26,7 +26,7 @@ st.set_page_config(page_title="vlmrel", layout="wide")
 @st.cache_resource(show_spinner="Loading model and gate…")
 def load_gate_for(family: str):
     """One gate per model for all sessions: capture hooks are per call, tokenizer calls are serialised."""
-    from vlmrel_core.gate.runtime import load_gate
+    from vlmrel_core.gate.bundle import load_gate
 
     return load_gate(SAMPLE / "gates" / family / "gate.yaml")
 

@@ -1,7 +1,8 @@
 """`vlmrel gate`, `vlmrel build-gate`, `vlmrel drift`: the production gate from the command line.
 
-Parsing and printing only; the work is in `gate` (ReliabilityGate, build_gate_from_run, drift_between_runs).
-Wired into the main CLI by `register(subparsers)`; also runnable alone: `python -m vlmrel_core.cli.gate gate ...`.
+Parsing and printing only; the work is in `vlmrel_core.gate` (`bundle.load_gate`, `batch.gate_dataset`,
+`fit.build_gate_from_run`, `drift_runs.drift_between_runs`). Wired into `vlmrel` by `register(subparsers)`.
+Progress bars go to stderr, so stdout stays one JSON document.
 
     vlmrel build-gate RUN_DIR --out DIR [--risk-target 0.1 --delta 0.1 | --threshold 0.7]
     vlmrel gate --config DIR/gate.yaml --image IMG --question "is there a red circle?"
@@ -16,14 +17,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlmrel_core.io import json_default
+from vlmrel_core.progress import tqdm_progress
+
 DEFAULT_RISK_TARGET = 0.1
 EXIT_DRIFT_ALERT = 3
 
 
 def _json(value: Any) -> str:
-    from vlmrel_core.gate.runtime import _json_default
-
-    return json.dumps(value, indent=1, default=_json_default)
+    return json.dumps(value, indent=1, default=json_default)
 
 
 # --------------------------------------------------------------------------------------------------- gate
@@ -33,59 +35,33 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     import torch
 
     from vlmrel_core.data.loader import VQASample, load_vqa_jsonl
-    from vlmrel_core.gate.runtime import load_gate
-    from vlmrel_core.gate.config import load_gate_config
+    from vlmrel_core.gate.batch import gate_dataset, write_decisions_jsonl
+    from vlmrel_core.gate.bundle import load_gate, resolve_gate_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     single = args.image is not None or args.question is not None
     if single == (args.data is not None):
         raise ValueError("give either --image and --question (one decision) or --data JSONL --out OUT (batch mode)")
-    config = load_gate_config(args.config)
+    if single and (args.image is None or args.question is None):
+        raise ValueError("single mode needs both --image and --question")
+    if not single and args.out is None:
+        raise ValueError("batch mode needs --out OUT.jsonl")
+    config = resolve_gate_config(args.config)
     if args.device and config.monitor.model is not None:
         config.monitor.model.device = args.device
     gate = load_gate(config)
     if single:
-        if args.image is None or args.question is None:
-            raise ValueError("single mode needs both --image and --question")
         image = VQASample("cli", Path(args.image), args.question, None).load_image()
-        decision = gate.answer(image, args.question)
-        print(_json(decision.to_dict()))
+        print(_json(gate.answer(image, args.question).to_dict()))
         return 0
-    if args.out is None:
-        raise ValueError("batch mode needs --out OUT.jsonl")
-    from vlmrel_core.engine.adapters.base import is_correct
-
     requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
     if args.limit is not None:
         requests = requests[: args.limit]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    n_labelled = n_correct = n_accepted_labelled = n_accepted_correct = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(requests), args.batch_size):
-            chunk = requests[start : start + args.batch_size]
-            decisions = gate.answer_batch([r.load_image() for r in chunk], [r.question for r in chunk],
-                                          batch_size=args.batch_size)
-            for request, decision in zip(chunk, decisions):
-                row = {"question_id": request.sample_id, "image": str(request.image_path), "question": request.question}
-                if request.label is not None:
-                    correct = is_correct(decision.answer, request.label)
-                    row.update(label=request.label, correct=int(correct))
-                    n_labelled += 1
-                    n_correct += int(correct)
-                    if decision.accepted:
-                        n_accepted_labelled += 1
-                        n_accepted_correct += int(correct)
-                row.update(decision.to_dict())
-                handle.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(out)
-    summary = {"out": str(out), **gate.stats()}
-    if n_labelled:
-        summary["accuracy"] = n_correct / n_labelled
-        summary["accuracy_of_accepted"] = n_accepted_correct / n_accepted_labelled if n_accepted_labelled else None
-    print(_json(summary))
+    with tqdm_progress("gate", unit="q") as progress:
+        result = gate_dataset(gate, requests, batch_size=args.batch_size, progress=progress)
+    out = write_decisions_jsonl(result, args.out)
+    print(_json({"out": str(out), **result.summary()}))
     return 0
 
 
@@ -105,19 +81,21 @@ def _parse_gray_zone(text: str) -> Any:
 
 
 def _cmd_build_gate(args: argparse.Namespace) -> int:
-    from vlmrel_core.gate.runtime import build_gate_from_run
     from vlmrel_core.analysis.splits import SplitSpec
+    from vlmrel_core.gate.fit import build_gate_from_run
 
     risk_target = args.risk_target
     if risk_target is None and args.threshold is None:
         risk_target = DEFAULT_RISK_TARGET
-    build = build_gate_from_run(
-        args.run_dir, args.out, layer=args.layer, pooling=args.pooling, threshold=args.threshold,
-        risk_target=risk_target, delta=args.delta, calibration_method=args.calibration_method,
-        gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
-        gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
-        split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
-    )
+    with tqdm_progress("build-gate", unit="step") as progress:
+        build = build_gate_from_run(
+            args.run_dir, args.out, layer=args.layer, pooling=args.pooling, threshold=args.threshold,
+            risk_target=risk_target, delta=args.delta, calibration_method=args.calibration_method,
+            gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
+            gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
+            split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
+            progress=progress,
+        )
     report = build.report
     summary = {
         "bundle": str(Path(args.out) / "gate.yaml"),
@@ -144,11 +122,13 @@ def _cmd_build_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
-    from vlmrel_core.gate.runtime import drift_between_runs, load_gate_components, write_recalibrated_bundle
+    from vlmrel_core.gate.bundle import load_gate_components, write_recalibrated_bundle
+    from vlmrel_core.gate.drift_runs import drift_between_runs
 
     components = load_gate_components(args.config)
-    result = drift_between_runs(components, args.reference, args.current, recalibrate_on_alert=args.recalibrate,
-                                seed=args.seed)
+    with tqdm_progress("drift", unit="step") as progress:
+        result = drift_between_runs(components, args.reference, args.current, recalibrate_on_alert=args.recalibrate,
+                                    seed=args.seed, progress=progress)
     recal = result.get("recalibration")
     if args.write_calibration:
         if recal and recal.get("done"):
@@ -162,7 +142,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------- wiring
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
     p = subparsers.add_parser(
         "gate", help="answer with a calibrated confidence and a route (one image, or a JSONL batch)",

@@ -1,7 +1,7 @@
 """`vlmrel ablate`: batch ablation / patch-masking study for one model or two side by side. Parsing and printing
 only; the work is `interventions.run_ablation_study`.
 
-Wired into the main CLI by `register(subparsers)`; also runnable alone: `python -m vlmrel_core.cli.interventions ablate ...`.
+Wired into `vlmrel` by `register(subparsers)`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add `ablate` to the `vlmrel` subcommands (``subparsers`` from ``parser.add_subparsers``)."""
     p = subparsers.add_parser(
         "ablate",
@@ -102,7 +102,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="sdpa", help="used when --mask-fraction 0 (eager is forced otherwise)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_finish_defaults)
-    return p
 
 
 def _finish_defaults(args: argparse.Namespace) -> int:

@@ -34,20 +34,10 @@ def write_drift_data(root: Path, n_images: int = DRIFT_IMAGES) -> dict[str, Path
 def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
     """The gate answering fresh questions end to end: routing shares, accuracy kept, measured cost multiplier."""
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.engine.adapters.base import is_correct
+    from vlmrel_core.gate.batch import gate_dataset
 
-    samples = load_vqa_jsonl(data_path)
-    decisions = gate.answer_batch([s.load_image() for s in samples], [s.question for s in samples], batch_size=32)
-    correct = [is_correct(d.answer, s.label) for d, s in zip(decisions, samples)]
-    served = [c for c, d in zip(correct, decisions) if d.accepted]
-    return {
-        "data": str(data_path),
-        "n": len(samples),
-        "accuracy_all": sum(correct) / len(correct),
-        "served_share": len(served) / len(samples),
-        "accuracy_of_served": sum(served) / len(served) if served else None,
-        **gate.stats(),
-    }
+    result = gate_dataset(gate, load_vqa_jsonl(data_path), batch_size=32)
+    return {"data": str(data_path), **result.summary()}
 
 
 def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
@@ -79,7 +69,9 @@ def refresh_family(
     """One embedded model: model card, extraction caches, report, gate bundle, drift checks and a live gate run."""
     from vlmrel_core.demo_models.pipeline import write_model_card
     from vlmrel_core.engine.extract import extract
-    from vlmrel_core.gate.runtime import build_gate_from_run, drift_between_runs
+    from vlmrel_core.gate.drift_runs import drift_between_runs
+    from vlmrel_core.gate.fit import build_gate_from_run
+    from vlmrel_core.io import write_json
     from vlmrel_core.engine.loading import load_vlm
     from vlmrel_core.analysis.report import build_report, write_report
 
@@ -122,13 +114,14 @@ def refresh_family(
     shutil.rmtree(gate_dir, ignore_errors=True)
     build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
                                 model_path=str(model_dir))
+    components = build.components()  # the bundle just written, in memory: no second parse of gate.yaml
     drift = {
-        name: drift_between_runs(gate_dir / "gate.yaml", run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
+        name: drift_between_runs(components, run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
         for name in drift_data
     }
-    (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
-    live = _live_gate_run(build.gate(loaded), drift_data["in_domain"])
-    (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
+    write_json(gate_dir / "drift.json", drift)
+    live = _live_gate_run(components.gate(loaded), drift_data["in_domain"])
+    write_json(gate_dir / "live_run.json", live)
     log(f"[{family}] gate bundle and drift checks written")
     return json.loads(json.dumps({"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}, default=str))
 
