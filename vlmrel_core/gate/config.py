@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from vlmrel_core.engine.capture import POOLINGS
+from vlmrel_core.io import atomic_write_text
 
 TOP_KEY = "reliability_monitor"
 _SC_ACTION = re.compile(r"^self_consistency_k(\d+)$")
@@ -276,8 +277,6 @@ def load_gate_config(path: str | Path) -> GateConfig:
 
 
 def dump_gate_config(config: GateConfig, path: str | Path) -> Path:
-    """Write the config as YAML (safe_dump of plain types; unset optional keys are left out)."""
-    path = Path(path)
+    """Write the config as YAML, atomically (safe_dump of plain types; unset optional keys are left out)."""
     data = config.model_dump(mode="json", exclude_none=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None), encoding="utf-8")
-    return path
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
