@@ -10,10 +10,10 @@ import io
 import json
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
+from vlmrel_core.figures.calibration import confidence_gauge
 from vlmrel_core.samples.catalog import FAMILY_SPECS, SampleDataError, sample_catalog
 
 SAMPLES = sample_catalog()
@@ -36,20 +36,6 @@ def read_upload(data: bytes) -> Image.Image:
         if image.width * image.height > MAX_UPLOAD_PIXELS:
             raise ValueError(f"image is {image.width}x{image.height}; the limit is {MAX_UPLOAD_PIXELS:,} pixels")
         return image.convert("RGB")
-
-
-def confidence_gauge(confidence: float, threshold: float | None, gray_zone: list[float] | None) -> go.Figure:
-    steps = []
-    if gray_zone:
-        steps.append({"range": gray_zone, "color": "#f3e3b5"})
-    figure = go.Figure(go.Indicator(
-        mode="gauge+number", value=confidence,
-        gauge={"axis": {"range": [0, 1]}, "steps": steps,
-               "threshold": {"line": {"color": "black", "width": 3}, "value": threshold} if threshold is not None else None},
-        title={"text": "calibrated P(correct)"},
-    ))
-    figure.update_layout(height=260, margin={"t": 40, "b": 10, "l": 20, "r": 20})
-    return figure
 
 
 st.title("vlmrel — will this answer be right?")

@@ -106,6 +106,10 @@ class RunResults:
         return LensCurves(tuple(self.manifest.layers), *right, *wrong, n_correct=int(correct.sum()),
                           n_wrong=int((~correct).sum()))
 
+    @cached_property
+    def _attention(self) -> np.ndarray:
+        return self.tensor("attention_image")
+
     def attention_map(self, row: int, layer: int | None = None) -> np.ndarray:
         """(grid_h, grid_w) answer→image attention of one row, at one layer or averaged over layers."""
         if not self.manifest.attentions:
@@ -114,7 +118,7 @@ class RunResults:
             raise ResultsError(f"{self.run_dir}: row {row} out of range (0..{len(self.rows) - 1})")
         record = self.rows.iloc[row]
         h, w = int(record["grid_h"]), int(record["grid_w"])
-        per_layer = self.tensor("attention_image")[row]
+        per_layer = self._attention[row]
         if layer is None:
             vector = per_layer.mean(axis=0)
         else:
@@ -124,6 +128,12 @@ class RunResults:
         if vector.size < h * w:
             raise ResultsError(f"{self.run_dir}: row {row} has {vector.size} attention cells for a {h}x{w} grid")
         return vector[: h * w].reshape(h, w).astype(np.float64)
+
+    def spatial_entropy(self) -> np.ndarray:
+        """Per row, H_s of the layer-averaged answer→image attention map (`signals.attention.spatial_entropy`)."""
+        from vlmrel_core.signals.attention import spatial_entropy
+
+        return np.array([spatial_entropy(self.attention_map(i)) for i in range(len(self.rows))])
 
     def image_path(self, row: int) -> Path:
         """The row's image, resolved against the dataset file the manifest names (relative to the cwd or absolute)."""
