@@ -30,7 +30,9 @@ def test_attention_vs_probe_scatter_splits_points_by_correctness():
 def test_attention_overlay_places_the_grid_over_the_image_and_masks_border_sinks():
     run = R.load_shipped_run("late_fusion", "adversarial")
     grid = run.attention_map(0)
-    image = Image.open(SAMPLES.images_dir() / run.rows.iloc[0]["image"].split("/")[-1]).convert("RGB")
+    path = run.image_path(0)
+    assert path == SAMPLES.pope_dir() / run.rows.iloc[0]["image"]
+    image = Image.open(path).convert("RGB")
     figure = attention_overlay(image, grid)
     picture, heat = figure.data
     assert picture.z.shape[:2] == (image.height, image.width)

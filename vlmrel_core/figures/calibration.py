@@ -40,8 +40,8 @@ def reliability_figure(
                          row=1, col=1)
         centres, counts = bins.histogram()
         figure.add_trace(go.Bar(x=centres.tolist(), y=counts.tolist(), name=f"{STAGE_LABELS.get(stage, stage)} counts",
-                                legendgroup=stage, showlegend=False, marker={"color": colour}, opacity=0.6,
-                                width=float(np.diff(bins.bin_edges).min()) / max(len(drawn), 1)), row=2, col=1)
+                                legendgroup=stage, showlegend=False, marker={"color": colour}, opacity=0.6),
+                         row=2, col=1)
     figure.update_layout(title=f"Reliability — {signal} (eval split, n={calibration.n_eval})", barmode="group", **LAYOUT)
     figure.update_xaxes(range=[0, 1], row=1, col=1)
     figure.update_xaxes(title_text="confidence", range=[0, 1], row=2, col=1)
