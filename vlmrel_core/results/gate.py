@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from vlmrel_core.analysis.probes import ProbeError
 from vlmrel_core.gate.config import GateConfig, GateConfigError, load_gate_config
-from vlmrel_core.gate.runtime import (
-    BUNDLE_CALIBRATION, BUNDLE_CONFIG, BUNDLE_REPORT, CalibrationBundle, GateComponents, GateError, load_gate_components,
+from vlmrel_core.gate.bundle import (
+    BUNDLE_CALIBRATION, BUNDLE_CONFIG, BUNDLE_REPORT, GateComponents, load_gate_components,
 )
+from vlmrel_core.gate.records import CalibrationBundle, GateError
 from vlmrel_core.results.files import ResultsError, read_json_object, validate
 from vlmrel_core.results.runs import RunResults
 
