@@ -81,7 +81,8 @@ def refresh_family(
     from vlmrel_core.engine.extract import extract
     from vlmrel_core.gate.runtime import build_gate_from_run, drift_between_runs
     from vlmrel_core.engine.loading import load_vlm
-    from vlmrel_core.analysis.report import build_report, write_report
+    from vlmrel_core.analysis.report import build_report
+    from vlmrel_core.analysis.report_io import write_report
 
     if threads:
         import torch
