@@ -53,13 +53,14 @@ def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
 def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
     """Late vs early fusion side by side: top-5 probe dims, random-5, random 50% of dims, and patch masking."""
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.interventions.core import load_probe_weights, run_ablation_study
+    from vlmrel_core.interventions.ablation import load_ablation_probe
+    from vlmrel_core.interventions.study import run_ablation_study
     from vlmrel_core.engine.loading import load_vlm
 
     loaded, layers, weights = {}, {}, {}
     for family in FAMILIES:
         loaded[family] = load_vlm(root / "models" / family, attn_implementation="eager")
-        probe = load_probe_weights(root / "reports" / family / "probes" / f"{family}__adversarial", loaded[family])
+        probe = load_ablation_probe(root / "reports" / family / "probes" / f"{family}__adversarial", loaded[family])
         layers[family], weights[family] = probe.layer, probe.weights
     written = []
     out_dir = root / "reports" / "ablation"
