@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="sample_data/models/late_fusion")
     parser.add_argument("--data", default="sample_data/shapes_pope/adversarial.jsonl", help="held-out questions (first N used)")
     parser.add_argument("--tiny", action="store_true", help="random-weight tiny LLaVA and generated questions (ignores --model/--data)")
-    parser.add_argument("--weights", default=None, help="probe dir / safetensors (default: a seeded random vector; timing does not depend on it)")
+    parser.add_argument("--weights", default=None, help="probe directory saved by vlmrel (default: a seeded random vector; timing does not depend on it)")
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--n", type=int, default=300)
