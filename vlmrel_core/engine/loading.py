@@ -136,10 +136,10 @@ def load_vlm(
     attention maps need it; pass "sdpa" for speed when no attention is asked for (recorded in every run manifest).
     `device_map="auto"` shards a large model with accelerate.
     """
+    source = str(source)
+    folder = resolve_model_source(source)  # before importing transformers: a bad path answers in milliseconds
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    source = str(source)
-    folder = resolve_model_source(source)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
