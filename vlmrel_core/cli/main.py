@@ -67,12 +67,17 @@ def _cmd_generate_data(args: argparse.Namespace) -> int:
     from vlmrel_core.data.shapes import write_split
     from vlmrel_core.engine.inputs import require_out_dir
 
-    require_out_dir(args.out)
+    from vlmrel_core.progress import tqdm_progress
 
-    for split in args.splits.split(","):
-        path = write_split(args.out, split, args.n_images, first_image_id=args.first_image_id,
-                           question_types=tuple(args.question_types.split(",")), file_name=args.file_name)
-        print(path)
+    require_out_dir(args.out)
+    splits = args.splits.split(",")
+    with tqdm_progress("generate-data", unit="split") as progress:  # 500 images per split take seconds each
+        for index, split in enumerate(splits):
+            progress(index, len(splits), split)
+            path = write_split(args.out, split, args.n_images, first_image_id=args.first_image_id,
+                               question_types=tuple(args.question_types.split(",")), file_name=args.file_name)
+            progress(index + 1, len(splits), split)
+            print(path)
     return 0
 
 
