@@ -155,6 +155,7 @@ def test_a_second_extraction_into_a_locked_folder_fails_at_once_and_changes_noth
     ensure_run_dir_free(out)  # released when the holder's block ends
     extract(loaded, tiny_dataset, out, batch_size=4, shard_size=4, limit=4)
     assert len(RunReader(out).rows) == 4
+    assert not (out / ".lock").exists(), "a finished extraction leaves no lock file"
 
 
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):

@@ -75,11 +75,11 @@ class RunInUseError(CacheError):
 
 
 def _lock_holder(lock_path: Path) -> str:
-    text = lock_path.read_text().strip() if lock_path.is_file() else ""
-    pid, _, since = text.partition(" ")
-    if not pid:
+    try:
+        pid, _, since = lock_path.read_text().strip().partition(" ")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since)))
+    except (OSError, ValueError):  # removed or being written at this instant
         return "another process"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since))) if since else "an unknown time"
     return f"process {pid} since {stamp}"
 
 
@@ -89,26 +89,37 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
     Why flock: two extractions into one folder would interleave shards and manifests; the kernel drops the lock
     when the holder exits or is killed, so a crash never leaves a stale lock behind. A refused caller changes
-    nothing in the folder.
+    nothing in the folder; a finished holder removes the lock file.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / LOCK
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise RunInUseError(
                 f"{run_dir} is in use by {_lock_holder(lock_path)} (another extraction writes there); "
                 "wait for it to finish or choose another --out folder"
             ) from None
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
         os.fsync(fd)
         yield run_dir
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        # removed while still held (a finished run folder holds no lock file); a killed holder leaves it, unlocked
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def ensure_run_dir_free(run_dir: str | Path) -> None:
