@@ -19,7 +19,7 @@ from vlmrel_core.engine.capture import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.run import BatchRecord, run_batch
-from vlmrel_core.engine.store import RunManifest, RunWriter, run_lock
+from vlmrel_core.engine.store import RunManifest, RunWriter, ensure_run_dir_free, run_lock
 from vlmrel_core.progress import Progress, report
 
 
@@ -128,6 +128,7 @@ def extract(
     """
     if shard_size < batch_size or shard_size % batch_size:
         raise ValueError("shard_size must be a multiple of batch_size")
+    ensure_run_dir_free(out_dir)  # before hashing the dataset (reads every image): a busy folder answers at once
     samples = load_vqa_jsonl(data_path, image_root)
     if limit is not None:
         samples = samples[:limit]
