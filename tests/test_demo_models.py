@@ -71,3 +71,30 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # monotone after warmup
     assert rates[500] == pytest.approx(0.05e-3 + 0.95e-3 * 0.5)
     assert learning_rate(5000, cfg) == pytest.approx(0.05e-3)
+
+
+def test_write_model_card_measures_each_split_and_reports_progress(tmp_path):
+    """The card's accuracy is the run path's accuracy on the data given; progress counts every question once."""
+    import shutil
+
+    from vlmrel_core.demo_models.pipeline import write_model_card
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(SAMPLES.model_dir("late_fusion"), model_dir)
+    source = load_vqa_jsonl(SAMPLES.dataset("adversarial"))[:24]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    lines = []
+    for sample in source:
+        row = {"question_id": sample.sample_id, "image": str(sample.image_path), "text": sample.question, "label": sample.label}
+        lines.append(json.dumps(row))
+    (data_dir / "tiny.jsonl").write_text("\n".join(lines) + "\n")
+    calls = []
+    card = write_model_card(model_dir, data_dir, batch_size=8, progress=lambda d, t, s="": calls.append((d, t, s)))
+    loaded = load_vlm(model_dir)
+    record = run_batch(loaded, [s.load_image() for s in source], [s.question for s in source], layers=[-1],
+                       poolings=("last_token",), logit_lens=False)
+    expected = sum(is_correct(a, s.label) for a, s in zip(record.answer, source)) / len(source)
+    assert card["accuracy"] == {"tiny": round(expected, 4)}
+    assert calls[-1][:2] == (24, 24) and [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
+    assert json.loads((model_dir / "model_card.json").read_text())["accuracy"] == card["accuracy"]

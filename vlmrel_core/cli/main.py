@@ -108,8 +108,11 @@ def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
         raise ValueError(f"dataset folder {args.data} holds no .jsonl files")
     for family in args.families.split(","):
         resolve_model_source(Path(args.models) / family)
+    from vlmrel_core.progress import tqdm_progress
+
     for family in args.families.split(","):
-        card = write_model_card(Path(args.models) / family, args.data)
+        with tqdm_progress(f"evaluate {family}", unit="q") as progress:
+            card = write_model_card(Path(args.models) / family, args.data, progress=progress)
         print(json.dumps(card["accuracy"]))
     return 0
 
