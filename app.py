@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-ROOT = Path(__file__).resolve().parent
-SAMPLE = ROOT / "sample_data"
-FAMILIES = {"late fusion (LLaVA class)": "late_fusion", "early fusion (PaliGemma class)": "early_fusion"}
+from vlmrel_core.samples.catalog import FAMILY_SPECS, SampleDataError, sample_catalog
+
+SAMPLES = sample_catalog()
+FAMILY_BY_LABEL = {spec.label: name for name, spec in FAMILY_SPECS.items()}
 MAX_UPLOAD_PIXELS = 4096 * 4096
 
 st.set_page_config(page_title="vlmrel", layout="wide")
@@ -28,7 +28,7 @@ def load_gate_for(family: str):
     """One gate per model for all sessions: capture hooks are per call, tokenizer calls are serialised."""
     from vlmrel_core.gate.runtime import load_gate
 
-    return load_gate(SAMPLE / "gates" / family / "gate.yaml")
+    return load_gate(SAMPLES.gate_config(family))
 
 
 def read_upload(data: bytes) -> Image.Image:
@@ -53,11 +53,12 @@ def confidence_gauge(confidence: float, threshold: float | None, gray_zone: list
 
 
 st.title("vlmrel — will this answer be right?")
-family_label = st.sidebar.radio("Model", list(FAMILIES))
-family = FAMILIES[family_label]
-gate_yaml = SAMPLE / "gates" / family / "gate.yaml"
-if not gate_yaml.is_file():
-    st.error(f"No gate bundle at {gate_yaml}. Build it with `vlmrel refresh-sample-data` (or `vlmrel build-gate`).")
+family_label = st.sidebar.radio("Model", list(FAMILY_BY_LABEL))
+family = FAMILY_BY_LABEL[family_label]
+try:
+    SAMPLES.gate_config(family)
+except SampleDataError as err:
+    st.error(f"{err} (or build one with `vlmrel build-gate`).")
     st.stop()
 
 left, right = st.columns([1, 1])
@@ -72,12 +73,13 @@ with left:
             except (UnidentifiedImageError, OSError, ValueError) as err:
                 st.error(f"Cannot use this file: {err}")
     else:
-        images = sorted((SAMPLE / "shapes_pope" / "images").glob("*.png"))[:40]
-        if not images:
-            st.error("sample_data/shapes_pope/images is empty; run `vlmrel generate-data`.")
+        try:
+            images = SAMPLES.sample_images(limit=40)
+        except SampleDataError as err:
+            st.error(str(err))
             st.stop()
         choice = st.selectbox("Sample", [p.name for p in images])
-        image = Image.open(SAMPLE / "shapes_pope" / "images" / choice).convert("RGB")
+        image = Image.open(SAMPLES.images_dir() / choice).convert("RGB")
     question = st.text_input("Question", value="is there a red circle in the image?", max_chars=300)
     if image is not None:
         st.image(image.resize((256, 256), Image.NEAREST), caption="what the model sees (upscaled)")
@@ -108,12 +110,12 @@ with right:
 
 st.divider()
 st.subheader("Where reliability lives in this model (held-out, shipped report)")
-table7 = SAMPLE / "reports" / family / "table7.csv"
-if table7.is_file():
-    st.dataframe(pd.read_csv(table7), width="stretch", hide_index=True)
-    report_md = SAMPLE / "reports" / family / "report.md"
-    if report_md.is_file():
-        with st.expander("Full report"):
-            st.markdown(report_md.read_text())
+try:
+    table7 = SAMPLES.report_file(family, "table7.csv")
+    report_md = SAMPLES.report_file(family, "report.md")
+except SampleDataError as err:
+    st.warning(str(err))
 else:
-    st.warning(f"No report at {table7}; run `vlmrel refresh-sample-data`.")
+    st.dataframe(pd.read_csv(table7), width="stretch", hide_index=True)
+    with st.expander("Full report"):
+        st.markdown(report_md.read_text())

@@ -9,9 +9,10 @@ import torch
 
 torch.set_num_threads(1)
 
+from vlmrel_core.samples.catalog import FAMILIES, SampleCatalog  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_MODELS = REPO / "sample_data" / "models"
-SAMPLE_DATA = REPO / "sample_data" / "shapes_pope"
+SAMPLES = SampleCatalog.locate(check=False)  # tests that need shipped files fail naming the missing path
 
 
 def greedy_generation(model, tokenizer) -> None:
@@ -63,7 +64,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
-    for family in ("late_fusion", "early_fusion"):
+    for family in FAMILIES:
         model, processor = build_demo_model(family, seed=3)
         dirs[family] = save_checkpoint(model, processor, root / family)
     return dirs

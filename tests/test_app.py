@@ -2,7 +2,8 @@
 
 import pytest
 
-from conftest import REPO, SAMPLE_DATA
+from conftest import REPO, SAMPLES
+from vlmrel_core.samples.catalog import FAMILIES
 
 pytest.importorskip("streamlit.testing.v1")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -10,7 +11,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 @pytest.mark.parametrize("family_index", [0, 1])
 def test_ask_shows_answer_confidence_and_routing(family_index):
-    assert (SAMPLE_DATA.parent / "gates").is_dir(), "shipped gate bundles are missing: run vlmrel refresh-sample-data"
+    SAMPLES.gate_config(FAMILIES[family_index])  # a missing bundle fails naming its path
     app = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     app.run()
     assert not app.exception

@@ -6,14 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE_DATA, SAMPLE_MODELS
+from conftest import SAMPLES
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.demo_models.train import TrainConfig, learning_rate, train_demo_model
 from vlmrel_core.engine.adapters.base import is_correct
 from vlmrel_core.engine.loading import load_vlm
 from vlmrel_core.engine.run import run_batch
+from vlmrel_core.samples.catalog import FAMILY_SPECS
 
-EXPECTED = {"late_fusion": "LlavaForConditionalGeneration", "early_fusion": "PaliGemmaForConditionalGeneration"}
+EXPECTED = {name: spec.model_class for name, spec in FAMILY_SPECS.items()}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
@@ -21,8 +22,8 @@ def test_shipped_model_loads_through_auto_classes_offline(family, monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = AutoModelForImageTextToText.from_pretrained(SAMPLE_MODELS / family)
-    processor = AutoProcessor.from_pretrained(SAMPLE_MODELS / family)
+    model = AutoModelForImageTextToText.from_pretrained(SAMPLES.model_dir(family))
+    processor = AutoProcessor.from_pretrained(SAMPLES.model_dir(family))
     assert type(model).__name__ == EXPECTED[family]
     assert model.config.get_text_config().vocab_size == len(processor.tokenizer)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
@@ -30,13 +31,13 @@ def test_shipped_model_loads_through_auto_classes_offline(family, monkeypatch):
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
 def test_model_card_accuracy_is_in_band_and_reproducible(family):
-    card = json.loads((SAMPLE_MODELS / family / "model_card.json").read_text())
+    card = json.loads((SAMPLES.model_dir(family) / "model_card.json").read_text())
     assert 0.70 <= card["accuracy"]["adversarial"] <= 0.92, card["accuracy"]
     for split in ("random", "popular"):
         assert split in card["accuracy"]
-    loaded = load_vlm(SAMPLE_MODELS / family, attn_implementation="sdpa")
+    loaded = load_vlm(SAMPLES.model_dir(family), attn_implementation="sdpa")
     assert loaded.fingerprint == card["fingerprint"]
-    samples = load_vqa_jsonl(SAMPLE_DATA / "adversarial.jsonl")[:192]
+    samples = load_vqa_jsonl(SAMPLES.dataset("adversarial"))[:192]
     correct = []
     for start in range(0, len(samples), 64):
         batch = samples[start : start + 64]

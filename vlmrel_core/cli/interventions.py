@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_LATE = "sample_data/models/late_fusion"
+from vlmrel_core.samples.catalog import SampleCatalog, cli_path
+
+DEFAULT_LATE = cli_path(SampleCatalog.locate(check=False).model_dir("late_fusion", check=False))
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_LATE = "sample_data/models/late_fusion"
-DEFAULT_EARLY = "sample_data/models/early_fusion"
+from vlmrel_core.samples.catalog import FAMILIES, SampleCatalog, cli_path
+
+_SAMPLES = SampleCatalog.locate(check=False)  # defaults only; a missing file is reported by the command using it
+DEFAULT_LATE = cli_path(_SAMPLES.model_dir("late_fusion", check=False))
+DEFAULT_EARLY = cli_path(_SAMPLES.model_dir("early_fusion", check=False))
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("generate-data", help="write the synthetic POPE-like splits (JSONL + PNGs)")
-    p.add_argument("--out", default="sample_data/shapes_pope")
+    p.add_argument("--out", default=cli_path(_SAMPLES.pope_dir(check=False)))
     p.add_argument("--splits", default="random,popular,adversarial")
     p.add_argument("--n-images", type=int, default=500)
     p.add_argument("--first-image-id", type=int, default=0)
@@ -149,21 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate_data)
 
     p = sub.add_parser("train-demo-models", help="reproduce the embedded late- and early-fusion VLMs from a seed")
-    p.add_argument("--out", default="sample_data/models")
-    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--out", default=cli_path(_SAMPLES.models_root(check=False)))
+    p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--steps", type=int, default=None, help="override the training step count (default: the shipped schedule)")
     p.add_argument("--sequential", action="store_true", help="train one after the other instead of one process per core")
     p.set_defaults(func=_cmd_train_demo_models)
 
     p = sub.add_parser("evaluate-demo-models", help="measure per-split accuracy and write each model card")
-    p.add_argument("--models", default="sample_data/models")
-    p.add_argument("--data", default="sample_data/shapes_pope")
-    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--models", default=cli_path(_SAMPLES.models_root(check=False)))
+    p.add_argument("--data", default=cli_path(_SAMPLES.pope_dir(check=False)))
+    p.add_argument("--families", default=",".join(FAMILIES))
     p.set_defaults(func=_cmd_evaluate_demo_models)
 
     p = sub.add_parser("refresh-sample-data", help="regenerate the shipped caches, reports and gate bundles from the embedded models")
-    p.add_argument("--root", default="sample_data")
-    p.add_argument("--families", default="late_fusion,early_fusion")
+    p.add_argument("--root", default=cli_path(_SAMPLES.root))
+    p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--self-consistency-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--sequential", action="store_true", help="one family after the other instead of one process per family")

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmrel_core.demo_models.train import TrainConfig, train_demo_model
-
-FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
+from vlmrel_core.samples.catalog import FAMILIES
 
 
 def _train_one(family: str, out_root: str, steps: int | None) -> dict[str, Any]:

@@ -12,8 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
-POPE_RUNS: tuple[str, ...] = ("adversarial", "random", "popular")
+from vlmrel_core.samples.catalog import (
+    ABLATION_TABLES, FAMILIES, POPE_SPLITS, SELF_CONSISTENCY_RUN, SampleCatalog, cli_path,
+)
+
+POPE_RUNS: tuple[str, ...] = POPE_SPLITS
 DRIFT_IMAGES = 200
 
 
@@ -22,10 +25,12 @@ def write_drift_data(root: Path, n_images: int = DRIFT_IMAGES) -> dict[str, Path
     from vlmrel_core.data.shapes import write_split
     from vlmrel_core.data.shifted import write_shifted_split
 
-    drift_dir = root / "shapes_drift"
-    in_domain = write_split(drift_dir, "adversarial", n_images=n_images, first_image_id=500_000, file_name="in_domain.jsonl")
+    catalog = SampleCatalog(Path(root))
+    drift_dir = catalog.drift_dir(check=False)
+    in_domain = write_split(drift_dir, "adversarial", n_images=n_images, first_image_id=500_000,
+                            file_name=catalog.drift_dataset("in_domain", check=False).name)
     shifted = write_shifted_split(drift_dir, "adversarial", n_images=n_images, kind="all")
-    target = drift_dir / "shifted.jsonl"
+    target = catalog.drift_dataset("shifted", check=False)
     if Path(shifted) != target:
         Path(shifted).replace(target)
     return {"in_domain": in_domain, "shifted": target}
@@ -56,19 +61,20 @@ def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
     from vlmrel_core.interventions.core import load_probe_weights, run_ablation_study
     from vlmrel_core.engine.loading import load_vlm
 
+    catalog = SampleCatalog(Path(root))
     loaded, layers, weights = {}, {}, {}
     for family in FAMILIES:
-        loaded[family] = load_vlm(root / "models" / family, attn_implementation="eager")
-        probe = load_probe_weights(root / "reports" / family / "probes" / f"{family}__adversarial", loaded[family])
+        loaded[family] = load_vlm(catalog.model_dir(family), attn_implementation="eager")
+        probe = load_probe_weights(catalog.report_probe_dir(family, "adversarial"), loaded[family])
         layers[family], weights[family] = probe.layer, probe.weights
     written = []
-    out_dir = root / "reports" / "ablation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("adversarial", "open_questions"):
-        samples = load_vqa_jsonl(root / "shapes_pope" / f"{split}.jsonl")[:n_questions]
+    catalog.ablation_dir(check=False).mkdir(parents=True, exist_ok=True)
+    for split in ABLATION_TABLES:
+        samples = load_vqa_jsonl(catalog.dataset(split))[:n_questions]
         table = run_ablation_study(loaded, samples, layers, weights, ks=(5,), random_fraction=0.5, mask_fraction=0.3)
-        table.to_csv(out_dir / f"{split}.csv", index=False)
-        written.append(out_dir / f"{split}.csv")
+        out = catalog.ablation_table(split, check=False)
+        table.to_csv(out, index=False)
+        written.append(out)
     return written
 
 
@@ -88,37 +94,37 @@ def refresh_family(
 
         torch.set_num_threads(threads)
     root = Path(root)
-    data_dir = root / "shapes_pope"
-    model_dir = root / "models" / family
+    catalog = SampleCatalog(root)
+    data_dir = catalog.pope_dir()
+    model_dir = catalog.model_dir(family)
     card = write_model_card(model_dir, data_dir)
     log(f"[{family}] model card: {card['accuracy']}")
     loaded = load_vlm(model_dir, attn_implementation="eager")
-    runs_dir = root / "runs" / family
     run_dirs: dict[str, Path] = {}
     for name in POPE_RUNS + ("open_questions",):
-        out = runs_dir / name
+        out = catalog.run_dir(family, name, check=False)
         shutil.rmtree(out, ignore_errors=True)
-        run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512)
+        run_dirs[name] = extract(loaded, catalog.dataset(name), out, batch_size=32, shard_size=512)
         log(f"[{family}] extracted {name}")
-    sc_out = runs_dir / "adversarial_self_consistency"
+    sc_out = catalog.run_dir(family, SELF_CONSISTENCY_RUN, check=False)
     shutil.rmtree(sc_out, ignore_errors=True)
-    run_dirs["adversarial_self_consistency"] = extract(
-        loaded, data_dir / "adversarial.jsonl", sc_out, batch_size=32, shard_size=160, attentions=False,
+    run_dirs[SELF_CONSISTENCY_RUN] = extract(
+        loaded, catalog.dataset("adversarial"), sc_out, batch_size=32, shard_size=160, attentions=False,
         limit=self_consistency_rows, self_consistency_k=self_consistency_k,
     )
     for name, path in drift_data.items():
-        out = runs_dir / f"drift_{name}"
+        out = catalog.run_dir(family, f"drift_{name}", check=False)
         shutil.rmtree(out, ignore_errors=True)
         run_dirs[f"drift_{name}"] = extract(loaded, path, out, batch_size=32, shard_size=512, attentions=False)
     log(f"[{family}] extracted self-consistency and drift runs")
 
-    report_dir = root / "reports" / family
+    report_dir = catalog.report_dir(family, check=False)
     shutil.rmtree(report_dir, ignore_errors=True)
-    report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
+    report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs[SELF_CONSISTENCY_RUN]])
     write_report(report, report_dir)
     log(f"[{family}] report written")
 
-    gate_dir = root / "gates" / family
+    gate_dir = catalog.gate_dir(family, check=False)
     shutil.rmtree(gate_dir, ignore_errors=True)
     build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
                                 model_path=str(model_dir))
@@ -126,9 +132,9 @@ def refresh_family(
         name: drift_between_runs(gate_dir / "gate.yaml", run_dirs["adversarial"], run_dirs[f"drift_{name}"], recalibrate_on_alert=True)
         for name in drift_data
     }
-    (gate_dir / "drift.json").write_text(json.dumps(drift, indent=1, default=str))
+    catalog.gate_file(family, "drift.json", check=False).write_text(json.dumps(drift, indent=1, default=str))
     live = _live_gate_run(build.gate(loaded), drift_data["in_domain"])
-    (gate_dir / "live_run.json").write_text(json.dumps(live, indent=1, default=str))
+    catalog.gate_file(family, "live_run.json", check=False).write_text(json.dumps(live, indent=1, default=str))
     log(f"[{family}] gate bundle and drift checks written")
     return json.loads(json.dumps({"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}, default=str))
 
@@ -139,7 +145,7 @@ def _refresh_family_in_worker(root: str, family: str, drift_data: dict[str, Path
 
 
 def refresh_sample_data(
-    root: str | Path = "sample_data",
+    root: str | Path | None = None,
     families: Sequence[str] = FAMILIES,
     self_consistency_k: int = 10,
     self_consistency_rows: int = 600,
@@ -156,7 +162,7 @@ def refresh_sample_data(
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown demo families {unknown}; expected some of {FAMILIES}")
-    root = Path(root)
+    root = Path(cli_path(SampleCatalog.locate(check=False).root)) if root is None else Path(root)
     drift_data = write_drift_data(root, drift_images)
     if parallel and len(families) > 1:
         import multiprocessing as mp
@@ -168,7 +174,7 @@ def refresh_sample_data(
     else:
         summary = {family: refresh_family(root, family, drift_data, self_consistency_k, self_consistency_rows, threads, log)
                    for family in families}
-    summary_path = root / "refresh_summary.json"  # merged, so one family can be refreshed on its own
+    summary_path = SampleCatalog(root).refresh_summary(check=False)  # merged, so one family can be refreshed on its own
     merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     merged.update(summary)
     summary_path.write_text(json.dumps(merged, indent=1))
