@@ -1,0 +1,142 @@
+"""What every dashboard page shares: the cached model/gate loaders, the sidebar model choice, a progress bar for
+library jobs, and the one way a library error reaches the user (a single `st.error`, never a traceback box).
+
+Pages stay thin: they call these helpers and `vlmrel_core`, and compute nothing themselves.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import streamlit as st
+
+from vlmrel_core.progress import Progress
+from vlmrel_core.samples.catalog import FAMILY_SPECS, SampleDataError, sample_catalog
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_BUNDLE = "a local checkpoint folder (gate bundle)"
+LAYER_PROBE_CACHE = Path.home() / ".cache" / "vlmrel" / "layer_probes"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The sidebar's answer: which gate bundle (gate.yaml, naming its model) the pages use."""
+
+    label: str
+    gate_yaml: Path
+    family: str | None  # an embedded family name, None for a local bundle
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _message(err: BaseException) -> str:
+    """Library errors already say what is wrong in words; anything else keeps its type name for a bug report."""
+    from vlmrel_core.analysis.probes import ProbeError
+    from vlmrel_core.data.loader import DatasetError
+    from vlmrel_core.engine.adapters.base import AdapterError
+    from vlmrel_core.engine.loading import ModelLoadError
+    from vlmrel_core.engine.store import CacheError
+    from vlmrel_core.gate.config import GateConfigError
+    from vlmrel_core.gate.runtime import GateError
+    from vlmrel_core.inspection.images import ImageInputError
+    from vlmrel_core.inspection.layer_probes import LayerProbeError
+
+    worded = (ImageInputError, GateConfigError, GateError, ProbeError, ModelLoadError, CacheError, AdapterError,
+              DatasetError, LayerProbeError, SampleDataError)
+    return str(err) if isinstance(err, worded) else f"{type(err).__name__}: {err}"
+
+
+def show_error(what: str, err: BaseException) -> None:
+    """One red message: what was being done, and the library's words for what went wrong."""
+    st.error(f"{what} failed — {_message(err)}", icon=":material/error:")
+
+
+def attempt(what: str, action: Callable[[], T]) -> T | None:
+    """Run ``action``; on any error show one `st.error` and return None (the page carries on without it)."""
+    try:
+        return action()
+    except Exception as err:  # every failure must reach the user as a message, not a traceback
+        show_error(what, err)
+        return None
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+@contextmanager
+def streamlit_progress(label: str) -> Iterator[Progress]:
+    """A `vlmrel_core.progress.Progress` callback drawn as an `st.progress` bar (removed when the job ends)."""
+    bar = st.progress(0.0, text=label)
+
+    def update(done: int, total: int, stage: str = "") -> None:
+        fraction = min(max(done / total, 0.0), 1.0) if total else 1.0
+        bar.progress(fraction, text=f"{label} — {stage}" if stage else label)
+
+    try:
+        yield update
+    finally:
+        bar.empty()
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+@st.cache_resource(show_spinner="Loading the model and its gate…")
+def load_gate_cached(gate_yaml: str):
+    """One gate (and model) per bundle for all sessions. Safe to share: the library's capture hooks are per call,
+    tokenizer/processor calls go through the model's `processor_lock` (an HF fast tokenizer is not thread-safe),
+    and the gate's counters and drift window are guarded by its own lock."""
+    from vlmrel_core.gate.runtime import load_gate
+
+    return load_gate(gate_yaml)
+
+
+@st.cache_resource(show_spinner=False)
+def load_layer_probes_cached(gate_yaml: str, _progress: Progress | None = None):
+    """Per-layer probes for the Inspect strip, fitted once (then read from the on-disk cache) per gate bundle."""
+    from vlmrel_core.gate.runtime import load_gate_components
+    from vlmrel_core.inspection.layer_probes import load_or_fit_layer_probes, training_run_dir
+
+    components = load_gate_components(gate_yaml)
+    provenance = components.calibration.provenance if components.calibration is not None else {}
+    run_dir = training_run_dir(provenance, [ROOT, Path(gate_yaml).resolve().parent])
+    return load_or_fit_layer_probes(components.probe, run_dir, LAYER_PROBE_CACHE, progress=_progress)
+
+
+@st.cache_data(show_spinner=False)
+def gate_summary(gate_yaml: str) -> dict:
+    """The bundle's threshold, gray zone and fitted numbers without loading the model (report.json)."""
+    from vlmrel_core.gate.runtime import BUNDLE_REPORT
+    import json
+
+    path = Path(gate_yaml).parent / BUNDLE_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------- sidebar
+
+
+def sidebar_model_choice() -> ModelChoice | None:
+    """The model radio (embedded late/early fusion, or a local bundle folder); None with a message if unusable."""
+    options = [spec.label for spec in FAMILY_SPECS.values()] + [LOCAL_BUNDLE]
+    label = st.sidebar.radio("Model", options, key="model_choice",
+                             help="The embedded tiny VLMs ship with a gate bundle; a local checkpoint needs one too "
+                                  "(`vlmrel build-gate` writes gate.yaml beside its probe and calibration).")
+    if label == LOCAL_BUNDLE:
+        folder = st.sidebar.text_input("Gate bundle folder (holds gate.yaml)", key="local_bundle").strip()
+        if not folder:
+            st.sidebar.info("Type the folder of a gate bundle; its gate.yaml names the model checkpoint.")
+            return None
+        gate_yaml = Path(folder).expanduser() / "gate.yaml"
+        if not gate_yaml.is_file():
+            st.error(f"No gate.yaml in {folder}. Build one with `vlmrel build-gate --run <run> --out {folder}`.")
+            return None
+        return ModelChoice(label, gate_yaml.resolve(), None)
+    family = next(name for name, spec in FAMILY_SPECS.items() if spec.label == label)
+    gate_yaml = attempt("Finding the shipped gate bundle", lambda: sample_catalog().gate_config(family))
+    return None if gate_yaml is None else ModelChoice(label, gate_yaml, family)
