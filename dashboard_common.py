@@ -140,3 +140,12 @@ def sidebar_model_choice() -> ModelChoice | None:
     family = next(name for name, spec in FAMILY_SPECS.items() if spec.label == label)
     gate_yaml = attempt("Finding the shipped gate bundle", lambda: sample_catalog().gate_config(family))
     return None if gate_yaml is None else ModelChoice(label, gate_yaml, family)
+
+
+@st.cache_data(show_spinner=False)
+def shipped_questions(split: str = "adversarial", limit: int = 60) -> list[dict]:
+    """The first ``limit`` labelled questions of a shipped split: id, image path, question, ground truth."""
+    from vlmrel_core.data.loader import load_vqa_jsonl
+
+    samples = load_vqa_jsonl(sample_catalog().dataset(split))[:limit]
+    return [{"id": s.sample_id, "image": str(s.image_path), "question": s.question, "label": s.label} for s in samples]

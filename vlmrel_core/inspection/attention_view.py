@@ -65,3 +65,25 @@ def hide_sinks(grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ValueError("every cell is a sink; nothing would be left to show")
     arr[mask] = np.nan
     return arr / np.nansum(arr)
+
+
+@dataclass(frozen=True)
+class SinkSummary:
+    """How many cells are sinks, the share of the map they hold, and how many lie on the image border."""
+
+    n_cells: int
+    n_sinks: int
+    share: float
+    n_on_border: int
+
+    def sentence(self) -> str:
+        if self.n_sinks == 0:
+            return f"no attention sink (no cell holds more than {DEFAULT_SINK_RATIO:g}× the uniform share)"
+        return (f"{self.n_sinks} of {self.n_cells} cells are attention sinks holding {self.share:.0%} of the image "
+                f"attention ({self.n_on_border} on the image border)")
+
+
+def sink_summary(grid: np.ndarray, ratio: float = DEFAULT_SINK_RATIO) -> SinkSummary:
+    mask = sink_mask(grid, ratio)
+    arr = np.asarray(grid, dtype=np.float64)
+    return SinkSummary(int(arr.size), int(mask.sum()), float(arr[mask].sum() / arr.sum()), int(on_border(mask).sum()))

@@ -81,3 +81,23 @@ def inspect_question(
         "total_s": t3 - t0,
     }
     return Inspection(decision, scores, gate.layer, lens, attention, note, timings)
+
+
+def routing_reason(decision: GateDecision) -> str:
+    """Why the gate routed the answer as it did, in one sentence built from the decision's own evidence."""
+    ev = decision.evidence
+    c, threshold = decision.confidence, ev["threshold"]
+    zone = ev.get("gray_zone")
+    rule = (f"raw probe score {ev['raw_probe_score']:.3f} vs the risk-certified raw threshold {ev['threshold_raw']:.3f}"
+            if ev.get("threshold_raw") is not None else f"confidence {c:.3f} vs threshold {threshold:.3f}")
+    if decision.action == "self_consistency" and decision.self_consistency is not None:
+        sc = decision.self_consistency
+        verdict = "served" if decision.accepted else f"sent to {decision.route}"
+        return (f"confidence {c:.3f} lies in the gray zone [{zone[0]:.3f}, {zone[1]:.3f}), so {sc['k']} answers were "
+                f"sampled: majority '{sc['majority_answer']}' with agreement {sc['agreement']:.2f} "
+                f"(needs ≥ {sc['min_agreement']:.2f} and the greedy answer) → {verdict}")
+    if ev.get("route_before_self_consistency") == "gray_zone":
+        return f"confidence {c:.3f} lies in the gray zone [{zone[0]:.3f}, {zone[1]:.3f}) and the gray-zone action is fallback → {decision.route}"
+    if decision.action == "generate":
+        return f"{rule}: at or above → the answer is served" + (" (certified rule)" if decision.certified else "")
+    return f"{rule}: below → {decision.route}"
