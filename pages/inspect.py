@@ -10,9 +10,6 @@ from dashboard_common import (
     attempt, load_gate_cached, load_layer_probes_cached, shipped_questions, show_error, sidebar_model_choice,
     streamlit_progress,
 )
-from vlmrel_core.inspection.attention_view import hide_sinks, sink_mask, sink_summary
-from vlmrel_core.inspection.explain import inspect_question, routing_reason
-from vlmrel_core.inspection.figures import attention_overlay, confidence_gauge, layer_strip
 from vlmrel_core.inspection.images import load_image_bytes
 from vlmrel_core.inspection.report_quotes import headline_quote
 from vlmrel_core.samples.catalog import sample_catalog
@@ -60,6 +57,8 @@ with left:
 
 signature = (str(choice.gate_yaml), image_id, question)
 if asked and image is not None and question:
+    from vlmrel_core.inspection.explain import inspect_question  # torch/transformers: only once someone asks
+
     gate = attempt("Loading the model and gate", lambda: load_gate_cached(str(choice.gate_yaml)))
     if gate is not None:
         with streamlit_progress("Preparing the per-layer probes") as progress:
@@ -76,6 +75,10 @@ if stored is None or stored[0] != signature:
     with right:
         st.info("Pick or upload an image, type a question and press **Ask**.")
     st.stop()
+
+from vlmrel_core.inspection.attention_view import hide_sinks, sink_mask, sink_summary  # noqa: E402 (after the first draw)
+from vlmrel_core.inspection.explain import routing_reason  # noqa: E402
+from vlmrel_core.inspection.figures import attention_overlay, confidence_gauge, layer_strip  # noqa: E402
 
 _, inspection, shown_image = stored
 decision = inspection.decision
