@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from dashboard_common import attempt, sidebar_model_choice
+from vlmrel_core.results.report import load_table7
 from vlmrel_core.samples.catalog import sample_catalog
 
 st.title("Report — where reliability lives")
@@ -17,7 +17,7 @@ if choice.family is None:
     st.stop()
 
 catalog = sample_catalog()
-table7 = attempt("Reading the shipped Table 7", lambda: pd.read_csv(catalog.report_file(choice.family, "table7.csv")))
+table7 = attempt("Reading the shipped Table 7", lambda: load_table7(catalog.report_file(choice.family, "table7.csv")))
 if table7 is not None:
     st.caption("Held-out AUROC of each signal (shipped report; every number from `vlmrel report`).")
     st.dataframe(table7, width="stretch", hide_index=True, key="table7")

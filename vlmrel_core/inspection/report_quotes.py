@@ -1,10 +1,12 @@
-"""Numbers the Inspect page quotes from a shipped report, read (never recomputed) from its report.json."""
+"""Numbers the Inspect page quotes from a shipped report, read (never recomputed) through `results.report`."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from vlmrel_core.results.files import ResultsError
+from vlmrel_core.results.report import load_report_summary
 
 ATTENTION_COLUMN = "attention H_s"
 PROBE_COLUMN = "probe (CV-selected layer)"
@@ -26,14 +28,14 @@ def headline_quote(report_json: str | Path, run: str, grouping: str = "image") -
     """The held-out attention (spatial entropy H_s) and probe AUROC of one run from the report's headline table."""
     path = Path(report_json)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        headline = load_report_summary(path).headline
+    except (ResultsError, OSError) as err:
         raise ReportQuoteError(f"cannot read the report {path}: {err}") from err
-    for row in data.get("headline", []):
+    for row in headline:
         if row.get("run") == run and row.get("grouping") == grouping:
             try:
                 return HeadlineQuote(run, grouping, str(row[ATTENTION_COLUMN]), str(row[PROBE_COLUMN]))
             except KeyError as err:
                 raise ReportQuoteError(f"{path}: the headline row for {run} has no {err} column") from err
-    runs = sorted({str(r.get("run")) for r in data.get("headline", [])})
+    runs = sorted({str(r.get("run")) for r in headline})
     raise ReportQuoteError(f"{path}: no headline row for run {run!r} ({grouping} grouping); runs: {runs}")
