@@ -6,6 +6,7 @@ Pages stay thin: they call these helpers and `vlmrel_core`, and compute nothing 
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from vlmrel_core.samples.catalog import FAMILY_SPECS, SampleDataError, sample_ca
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_BUNDLE = "a local checkpoint folder (gate bundle)"
-LAYER_PROBE_CACHE = Path.home() / ".cache" / "vlmrel" / "layer_probes"
+CACHE_ENV = "VLMREL_CACHE_DIR"  # where fitted per-layer probes are kept between sessions
+LAYER_PROBE_CACHE = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vlmrel") / "layer_probes"
 T = TypeVar("T")
 
 
@@ -45,9 +47,11 @@ def _message(err: BaseException) -> str:
     from vlmrel_core.gate.runtime import GateError
     from vlmrel_core.inspection.images import ImageInputError
     from vlmrel_core.inspection.layer_probes import LayerProbeError
+    from vlmrel_core.inspection.report_quotes import ReportQuoteError
+    from vlmrel_core.results.files import ResultsError
 
     worded = (ImageInputError, GateConfigError, GateError, ProbeError, ModelLoadError, CacheError, AdapterError,
-              DatasetError, LayerProbeError, SampleDataError)
+              DatasetError, LayerProbeError, SampleDataError, ReportQuoteError, ResultsError)
     return str(err) if isinstance(err, worded) else f"{type(err).__name__}: {err}"
 
 
