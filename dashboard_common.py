@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -100,26 +101,32 @@ def load_gate_cached(gate_yaml: str):
     return load_gate(gate_yaml)
 
 
+@dataclass
+class _LayerProbeSlot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    probes: object | None = None
+
+
 @st.cache_resource(show_spinner=False)
-def load_layer_probes_cached(gate_yaml: str, _progress: Progress | None = None):
-    """Per-layer probes for the Inspect strip, fitted once (then read from the on-disk cache) per gate bundle."""
+def _layer_probe_slot(gate_yaml: str) -> _LayerProbeSlot:
+    """One slot per bundle for all sessions. The fit runs outside the cached function so it can draw a progress
+    bar (elements drawn inside a cached function are replayed on later hits, into a page that no longer has them)."""
+    return _LayerProbeSlot()
+
+
+def load_layer_probes_cached(gate_yaml: str, progress: Progress | None = None):
+    """Per-layer probes for the Inspect strip: fitted once per bundle (then read from the on-disk cache)."""
     from vlmrel_core.gate.runtime import load_gate_components
     from vlmrel_core.inspection.layer_probes import load_or_fit_layer_probes, training_run_dir
 
-    components = load_gate_components(gate_yaml)
-    provenance = components.calibration.provenance if components.calibration is not None else {}
-    run_dir = training_run_dir(provenance, [ROOT, Path(gate_yaml).resolve().parent])
-    return load_or_fit_layer_probes(components.probe, run_dir, LAYER_PROBE_CACHE, progress=_progress)
-
-
-@st.cache_data(show_spinner=False)
-def gate_summary(gate_yaml: str) -> dict:
-    """The bundle's threshold, gray zone and fitted numbers without loading the model (report.json)."""
-    from vlmrel_core.gate.runtime import BUNDLE_REPORT
-    import json
-
-    path = Path(gate_yaml).parent / BUNDLE_REPORT
-    return json.loads(path.read_text()) if path.is_file() else {}
+    slot = _layer_probe_slot(gate_yaml)
+    with slot.lock:
+        if slot.probes is None:
+            components = load_gate_components(gate_yaml)
+            provenance = components.calibration.provenance if components.calibration is not None else {}
+            run_dir = training_run_dir(provenance, [ROOT, Path(gate_yaml).resolve().parent])
+            slot.probes = load_or_fit_layer_probes(components.probe, run_dir, LAYER_PROBE_CACHE, progress=progress)
+        return slot.probes
 
 
 # --------------------------------------------------------------------------------------------- sidebar

@@ -63,7 +63,7 @@ if asked and image is not None and question:
     if gate is not None:
         with streamlit_progress("Preparing the per-layer probes") as progress:
             probes = attempt("Preparing the per-layer probes",
-                             lambda: load_layer_probes_cached(str(choice.gate_yaml), _progress=progress))
+                             lambda: load_layer_probes_cached(str(choice.gate_yaml), progress=progress))
         try:
             st.session_state["inspection"] = (signature, inspect_question(gate, probes, image, question), image)
         except Exception as err:  # shown as one message; the page stays usable

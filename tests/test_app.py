@@ -43,7 +43,8 @@ def _array(value) -> np.ndarray:
     """A plotly array from a figure's JSON: plain lists, or plotly 6's base64 typed arrays."""
     if isinstance(value, dict) and "bdata" in value:
         array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        return array.reshape(value["shape"]) if "shape" in value else array
+        shape = value.get("shape")
+        return array.reshape([int(n) for n in str(shape).split(",")]) if shape else array
     return np.asarray(value, dtype=float)
 
 
@@ -100,6 +101,7 @@ def test_ask_shows_answer_confidence_routing_layers_attention_and_timings(family
 def test_hiding_sinks_blanks_the_sink_cells():
     app = _app()
     app.button(key="ask").click().run()
+    assert not app.error, [e.value for e in app.error]
     for layer in app.select_slider(key="attn_layer").options:
         app.select_slider(key="attn_layer").set_value(int(layer)).run()
         sentence = next(c.value for c in app.caption if "sink" in c.value)
