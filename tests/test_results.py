@@ -157,3 +157,6 @@ def test_damaged_files_fail_naming_the_file(tmp_path):
         R.load_live_run(tmp_path / "nowhere")
     with pytest.raises(R.ResultsError, match="no manifest"):
         R.load_run(tmp_path)
+    moved = R.load_run(SAMPLES.run_dir("late_fusion", "random"), image_root=tmp_path)
+    with pytest.raises(R.ResultsError, match=r"image of row 0 not found at .*images/0000000.png"):
+        moved.image_path(0)

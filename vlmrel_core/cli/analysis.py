@@ -64,6 +64,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                           poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=args.c_grid,
                           transfer=not args.no_transfer)
     paths = write_report(report, args.out, save_probes=not args.no_save_probes)
+    from vlmrel_core.figures.html_report import write_html_report
+
+    paths.append(write_html_report(args.out))  # report.html beside report.md: the same results as figures
     print(json.dumps({
         "out": str(args.out),
         "files": [str(p) for p in paths],

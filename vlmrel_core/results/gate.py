@@ -24,6 +24,7 @@ from vlmrel_core.gate.runtime import (
     BUNDLE_CALIBRATION, BUNDLE_CONFIG, BUNDLE_REPORT, CalibrationBundle, GateComponents, GateError, load_gate_components,
 )
 from vlmrel_core.results.files import ResultsError, read_json_object, validate
+from vlmrel_core.results.runs import RunResults
 
 LIVE_RUN = "live_run.json"
 
@@ -211,6 +212,17 @@ class GateBundleResults:
     @property
     def threshold(self) -> float:
         return self.report.threshold
+
+    def run_scores(self, run: RunResults) -> tuple[np.ndarray, np.ndarray]:
+        """(raw probe score, calibrated confidence) for every row of ``run`` at the bundle's layer and pooling.
+        Rows the probe was trained on are included (in-sample); the bundle's report.json has the held-out numbers."""
+        probe = self.components.probe
+        try:
+            probe.check_manifest(run.manifest)
+            states = run.reader.states(self.report.pooling, [probe.info.layers[0]])[:, 0].astype(np.float64)
+        except Exception as err:  # ProbeError / CacheError: say which run and bundle
+            raise ResultsError(f"cannot score {run.run_dir} with the gate bundle {self.gate_dir}: {err}") from err
+        return self.components.confidences(states)
 
     @property
     def gray_zone(self) -> tuple[float, float] | None:

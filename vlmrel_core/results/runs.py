@@ -53,10 +53,11 @@ class RunResults:
     """One run directory: ``manifest`` and ``rows`` come from the store's RunReader, read lazily."""
 
     run_dir: Path
+    image_root: Path | None = None  # folder the rows' image paths are relative to (default: the dataset's folder)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "RunResults":
-        run = cls(Path(run_dir))
+    def load(cls, run_dir: str | Path, image_root: str | Path | None = None) -> "RunResults":
+        run = cls(Path(run_dir), None if image_root is None else Path(image_root))
         run.reader  # noqa: B018 - fail now (no manifest / no shards), naming the run
         return run
 
@@ -106,6 +107,10 @@ class RunResults:
         return LensCurves(tuple(self.manifest.layers), *right, *wrong, n_correct=int(correct.sum()),
                           n_wrong=int((~correct).sum()))
 
+    @cached_property
+    def _attention(self) -> np.ndarray:
+        return self.tensor("attention_image")
+
     def attention_map(self, row: int, layer: int | None = None) -> np.ndarray:
         """(grid_h, grid_w) answer→image attention of one row, at one layer or averaged over layers."""
         if not self.manifest.attentions:
@@ -114,7 +119,7 @@ class RunResults:
             raise ResultsError(f"{self.run_dir}: row {row} out of range (0..{len(self.rows) - 1})")
         record = self.rows.iloc[row]
         h, w = int(record["grid_h"]), int(record["grid_w"])
-        per_layer = self.tensor("attention_image")[row]
+        per_layer = self._attention[row]
         if layer is None:
             vector = per_layer.mean(axis=0)
         else:
@@ -125,12 +130,23 @@ class RunResults:
             raise ResultsError(f"{self.run_dir}: row {row} has {vector.size} attention cells for a {h}x{w} grid")
         return vector[: h * w].reshape(h, w).astype(np.float64)
 
+    def spatial_entropy(self) -> np.ndarray:
+        """Per row, H_s of the layer-averaged answer→image attention map (`signals.attention.spatial_entropy`)."""
+        from vlmrel_core.signals.attention import spatial_entropy
+
+        return np.array([spatial_entropy(self.attention_map(i)) for i in range(len(self.rows))])
+
     def image_path(self, row: int) -> Path:
-        """The row's image, resolved against the dataset file the manifest names (relative to the cwd or absolute)."""
+        """The row's image file: relative paths resolve against ``image_root``, else the folder of the dataset file
+        the manifest names (as recorded at extraction, relative to that working directory)."""
         image = Path(str(self.rows.iloc[row]["image"]))
-        return image if image.is_absolute() else Path(self.manifest.dataset_path).parent / image
+        root = self.image_root if self.image_root is not None else Path(self.manifest.dataset_path).parent
+        path = image if image.is_absolute() else root / image
+        if not path.is_file():
+            raise ResultsError(f"{self.run_dir}: image of row {row} not found at {path}; pass image_root")
+        return path
 
 
-def load_run(run_dir: str | Path) -> RunResults:
+def load_run(run_dir: str | Path, image_root: str | Path | None = None) -> RunResults:
     """A run directory read back (manifest checked now, rows and tensors on first use)."""
-    return RunResults.load(run_dir)
+    return RunResults.load(run_dir, image_root)

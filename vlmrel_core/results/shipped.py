@@ -34,7 +34,10 @@ def load_family_results(family: str, catalog: SampleCatalog | None = None) -> Fa
 
 
 def load_shipped_run(family: str, run: str, catalog: SampleCatalog | None = None) -> RunResults:
-    return load_run((catalog or sample_catalog()).run_dir(family, run))
+    """A shipped run whose image paths resolve inside the catalog (drift runs: shapes_drift, others: shapes_pope)."""
+    catalog = catalog or sample_catalog()
+    images = catalog.drift_dir() if run.startswith("drift_") else catalog.pope_dir()
+    return load_run(catalog.run_dir(family, run), image_root=images)
 
 
 def load_shipped_ablation(split: str = "adversarial", catalog: SampleCatalog | None = None) -> AblationTable:
