@@ -11,7 +11,6 @@ from dashboard_common import (
     streamlit_progress,
 )
 from vlmrel_core.inspection.images import load_image_bytes
-from vlmrel_core.inspection.report_quotes import headline_quote
 from vlmrel_core.samples.catalog import sample_catalog
 
 SAMPLE, UPLOAD = "shipped sample", "upload"
@@ -78,6 +77,7 @@ if stored is None or stored[0] != signature:
 
 from vlmrel_core.inspection.attention_view import hide_sinks, sink_mask, sink_summary  # noqa: E402 (after the first draw)
 from vlmrel_core.inspection.explain import routing_reason  # noqa: E402
+from vlmrel_core.inspection.report_quotes import headline_quote  # noqa: E402
 from vlmrel_core.figures.attention import attention_overlay  # noqa: E402
 from vlmrel_core.figures.calibration import confidence_gauge  # noqa: E402
 from vlmrel_core.figures.layers import probe_score_strip  # noqa: E402

@@ -171,3 +171,19 @@ def test_report_page_shows_table7_of_the_chosen_model():
     model.set_value(model.options[1]).run()
     early = app.dataframe[0].value
     assert set(late["run"]) != set(early["run"])
+
+
+def test_first_draw_imports_no_model_code():
+    """The first page must draw fast: torch, transformers and scikit-learn load only when someone asks."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom streamlit.testing.v1 import AppTest\n"
+        f"app = AppTest.from_file({str(REPO / 'app.py')!r}, default_timeout=120)\napp.run()\n"
+        "assert not app.exception, app.exception\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
