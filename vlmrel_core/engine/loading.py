@@ -100,7 +100,10 @@ def load_vlm(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vlmrel_core.validation.models import check_model_folder
+
     source = str(source)
+    check_model_folder(source)  # safetensors only: a pickle-only folder is refused with the reason, not unpickled
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -108,7 +111,7 @@ def load_vlm(
         raise ModelLoadError(f"cannot read a model config from {source!r}{hint}: {err}") from err
     adapter = adapter_for_model_type(config.model_type)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "use_safetensors": True}
     if device_map:
         kwargs["device_map"] = device_map
     try:

@@ -170,13 +170,10 @@ class CalibrationBundle:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationBundle":
+        from vlmrel_core.validation.paths import read_json_file
+
         path = Path(path)
-        if not path.is_file():
-            raise GateError(f"calibration file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise GateError(f"{path} is not valid JSON ({err.msg})") from err
+        data = read_json_file(path, "calibration file")  # not found / not UTF-8 / not JSON: InputError naming it
         if not isinstance(data, dict):
             raise GateError(f"{path}: expected a JSON object")
         return cls.from_dict(data, str(path))
@@ -532,10 +529,10 @@ def load_gate_components(
     m = config.monitor
     if m.probe.path is None:
         raise GateConfigError("reliability_monitor.probe.path: the config names no probe directory")
-    probe = load_probe(config.resolve(m.probe.path), expected_fingerprint, expected_hidden_size)
+    probe = load_probe(config.resolve(m.probe.path, "probe.path"), expected_fingerprint, expected_hidden_size)
     calibration = None
     if m.probe.calibration_file is not None:
-        calibration = CalibrationBundle.load(config.resolve(m.probe.calibration_file))
+        calibration = CalibrationBundle.load(config.resolve(m.probe.calibration_file, "probe.calibration_file"))
         if calibration.model_fingerprint != probe.info.model_fingerprint:
             raise GateError(
                 f"reliability_monitor.probe.calibration_file: calibrated for model {calibration.model_fingerprint!r}, "
@@ -586,6 +583,13 @@ def _model_path_for_bundle(model_source: str, out_dir: Path | None) -> str:
     if out_dir is None or not path.exists():
         return model_source
     return os.path.relpath(path.resolve(), out_dir.resolve())
+
+
+def _leaves_folder(path_text: str, out_dir: Path | None) -> bool:
+    """Whether a bundle path (as written into gate.yaml) names an existing path outside the bundle folder."""
+    base = (out_dir or Path.cwd()).resolve()
+    candidate = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+    return candidate.exists() and not candidate.resolve().is_relative_to(base)
 
 
 def _gray_zone(
@@ -701,11 +705,12 @@ def build_gate_from_run(
         routing["risk_target"] = {"max_risk": float(risk_target), "delta": float(delta)}
     else:
         routing["confidence_threshold"] = gate_threshold
+    model_path_text = _model_path_for_bundle(model_path or manifest.model_source, out_path)
     config_data = {
         "reliability_monitor": {
             "architecture": _fusion_name(manifest.fusion),
             "target_layer": int(target_layer),
-            "model": {"path": _model_path_for_bundle(model_path or manifest.model_source, out_path),
+            "model": {"path": model_path_text,
                       "dtype": manifest.dtype if manifest.dtype in ("float32", "float16", "bfloat16") else "auto",
                       "attn_implementation": manifest.attn_implementation
                       if manifest.attn_implementation in ("eager", "sdpa", "flash_attention_2") else "eager"},
@@ -721,6 +726,8 @@ def build_gate_from_run(
             "routing": routing,
             "max_new_tokens": int(manifest.max_new_tokens),
             "normalization": manifest.normalization,
+            # a model outside the bundle (the shipped bundles point at sample_data/models) must be allowed explicitly
+            **({"allow_external_paths": True} if _leaves_folder(model_path_text, out_path) else {}),
         }
     }
     config = parse_gate_config(config_data, source="build_gate_from_run", base_dir=out_path or Path.cwd())

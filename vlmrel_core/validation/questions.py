@@ -98,3 +98,11 @@ def neutralize_special_tokens(question: str, processor: Any) -> str:
         if token in question:
             question = question.replace(token, token[0] + _JOINER + token[1:])
     return question
+
+
+def prepare_question(question: str | bytes, processor: Any, max_tokens: int = DEFAULT_MAX_QUESTION_TOKENS) -> str:
+    """Validate a question, check its token length and neutralise special-token text: the one call every path that
+    puts user text into a prompt (gate, extraction, interventions, self-consistency) goes through."""
+    text = validate_question(question)
+    check_question_tokens(text, getattr(processor, "tokenizer", processor), max_tokens)
+    return neutralize_special_tokens(text, processor)
