@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +33,69 @@ def _json(value: Any) -> str:
 def _cmd_gate(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmrel_core.data.loader import VQASample, load_vqa_jsonl
+    from vlmrel_core.data.loader import load_vqa_jsonl
     from vlmrel_core.gate.runtime import load_gate
     from vlmrel_core.gate.config import load_gate_config
+    from vlmrel_core.validation.images import load_image
+    from vlmrel_core.validation.questions import validate_question
 
     if args.threads:
         torch.set_num_threads(args.threads)
     single = args.image is not None or args.question is not None
     if single == (args.data is not None):
         raise ValueError("give either --image and --question (one decision) or --data JSONL --out OUT (batch mode)")
+    if single and (args.image is None or args.question is None):
+        raise ValueError("single mode needs both --image and --question")
+    if not single and args.out is None:
+        raise ValueError("batch mode needs --out OUT.jsonl")
     config = load_gate_config(args.config)
+    # every input is validated before the model is loaded: bad input costs milliseconds, not a model load
+    if single:
+        question = validate_question(args.question)
+        validated = load_image(args.image)
+        for note in validated.notes:
+            print(f"vlmrel gate: note: {note}", file=sys.stderr)
+    else:
+        requests = load_vqa_jsonl(args.data, args.image_root, require_label=False,
+                                  allow_external_paths=args.allow_external_paths)
     if args.device and config.monitor.model is not None:
         config.monitor.model.device = args.device
     gate = load_gate(config)
     if single:
-        if args.image is None or args.question is None:
-            raise ValueError("single mode needs both --image and --question")
-        image = VQASample("cli", Path(args.image), args.question, None).load_image()
-        decision = gate.answer(image, args.question)
+        decision = gate.answer(validated.image, question)
         print(_json(decision.to_dict()))
         return 0
-    if args.out is None:
-        raise ValueError("batch mode needs --out OUT.jsonl")
-    from vlmrel_core.engine.adapters.base import is_correct
-
-    requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
     if args.limit is not None:
         requests = requests[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        counts = _write_decisions(gate, requests, tmp, args.batch_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind; an earlier OUT stays as it was
+        raise
+    tmp.replace(out)
+    n_labelled, n_correct, n_accepted_labelled, n_accepted_correct = counts
+    summary = {"out": str(out), **gate.stats()}
+    if n_labelled:
+        summary["accuracy"] = n_correct / n_labelled
+        summary["accuracy_of_accepted"] = n_accepted_correct / n_accepted_labelled if n_accepted_labelled else None
+    print(_json(summary))
+    return 0
+
+
+def _write_decisions(gate: Any, requests: list, tmp: Path, batch_size: int) -> tuple[int, int, int, int]:
+    """Decide every request in batches, one JSON row each into ``tmp``; (labelled, correct, accepted+labelled,
+    accepted+correct) counts."""
+    from vlmrel_core.engine.adapters.base import is_correct
+
     n_labelled = n_correct = n_accepted_labelled = n_accepted_correct = 0
     with tmp.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(requests), args.batch_size):
-            chunk = requests[start : start + args.batch_size]
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
             decisions = gate.answer_batch([r.load_image() for r in chunk], [r.question for r in chunk],
-                                          batch_size=args.batch_size)
+                                          batch_size=batch_size)
             for request, decision in zip(chunk, decisions):
                 row = {"question_id": request.sample_id, "image": str(request.image_path), "question": request.question}
                 if request.label is not None:
@@ -80,13 +108,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
                         n_accepted_correct += int(correct)
                 row.update(decision.to_dict())
                 handle.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(out)
-    summary = {"out": str(out), **gate.stats()}
-    if n_labelled:
-        summary["accuracy"] = n_correct / n_labelled
-        summary["accuracy_of_accepted"] = n_accepted_correct / n_accepted_labelled if n_accepted_labelled else None
-    print(_json(summary))
-    return 0
+    return n_labelled, n_correct, n_accepted_labelled, n_accepted_correct
 
 
 # --------------------------------------------------------------------------------------------------- build-gate
@@ -163,6 +185,8 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    from vlmrel_core.cli.main import bounded_int
+
     """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
     p = subparsers.add_parser(
         "gate", help="answer with a calibrated confidence and a route (one image, or a JSONL batch)",
@@ -175,10 +199,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", default=None, help="JSONL with image + text/question (+ optional label): batch mode")
     p.add_argument("--image-root", default=None, help="folder the JSONL's image paths are relative to (default: its folder)")
     p.add_argument("--out", default=None, help="decisions JSONL (batch mode)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=8)
+    p.add_argument("--limit", type=bounded_int(1), default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--allow-external-paths", action="store_true",
+                   help="let the JSONL's image paths leave the image root (absolute paths, ../)")
     p.add_argument("--device", default=None, help="override the config's model device (cpu, cuda, ...)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=bounded_int(0, 1024), default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_gate)
 
     p = subparsers.add_parser(

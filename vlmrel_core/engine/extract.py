@@ -118,15 +118,22 @@ def extract(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     self_consistency_k: int = 0,
+    allow_external_paths: bool = False,
 ) -> Path:
     """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
 
     ``self_consistency_k`` > 0 also draws K sampled answers per question (T=0.7, top-p 0.9, seeded) and stores
     their agreement: the behavioural baseline, at K extra sampled sequences per question.
     """
+    from vlmrel_core.gate.config import MAX_NEW_TOKENS, MAX_SELF_CONSISTENCY_K
+    from vlmrel_core.validation.errors import check_int_range
+
+    check_int_range("batch_size", batch_size, 1, 1024)
+    check_int_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_int_range("self_consistency_k", self_consistency_k, 0, MAX_SELF_CONSISTENCY_K)
     if shard_size < batch_size or shard_size % batch_size:
         raise ValueError("shard_size must be a multiple of batch_size")
-    samples = load_vqa_jsonl(data_path, image_root)
+    samples = load_vqa_jsonl(data_path, image_root, allow_external_paths=allow_external_paths)
     if limit is not None:
         samples = samples[:limit]
     chosen_layers = resolve_layers(loaded.n_layers, layers)

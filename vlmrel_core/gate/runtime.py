@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from vlmrel_core.validation.errors import InputError
 from vlmrel_core.gate.calibration import AnyCalibrator, CalibrationMethod, TemperatureScaler, calibrator_from_dict
 from vlmrel_core.engine.capture import resolve_layers
 from vlmrel_core.gate.drift import DriftMonitor, DriftReport, recalibrate
@@ -68,7 +69,7 @@ CALIBRATION_SCHEMA_VERSION = 1
 DEFAULT_GRAY_ZONE_HALFWIDTH = 0.075
 
 
-class GateError(ValueError):
+class GateError(InputError):
     """A gate that cannot be assembled or run as configured (model/probe/calibration mismatch), said in words."""
 
 
@@ -173,7 +174,10 @@ class CalibrationBundle:
         from vlmrel_core.validation.paths import read_json_file
 
         path = Path(path)
-        data = read_json_file(path, "calibration file")  # not found / not UTF-8 / not JSON: InputError naming it
+        try:  # not found / not UTF-8 / not JSON: one line naming the file
+            data = read_json_file(path, "calibration file")
+        except InputError as err:
+            raise GateError(str(err)) from None
         if not isinstance(data, dict):
             raise GateError(f"{path}: expected a JSON object")
         return cls.from_dict(data, str(path))
@@ -588,8 +592,8 @@ def _model_path_for_bundle(model_source: str, out_dir: Path | None) -> str:
 def _leaves_folder(path_text: str, out_dir: Path | None) -> bool:
     """Whether a bundle path (as written into gate.yaml) names an existing path outside the bundle folder."""
     base = (out_dir or Path.cwd()).resolve()
-    candidate = Path(path_text) if Path(path_text).is_absolute() else base / path_text
-    return candidate.exists() and not candidate.resolve().is_relative_to(base)
+    candidate = (Path(path_text) if Path(path_text).is_absolute() else base / path_text).resolve()
+    return candidate.exists() and not candidate.is_relative_to(base)
 
 
 def _gray_zone(

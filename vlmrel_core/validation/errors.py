@@ -19,3 +19,10 @@ def excerpt(text: object, limit: int = EXCERPT_CHARS) -> str:
     value = str(text)
     shown = value if len(value) <= limit else value[:limit] + f"… ({len(value):,} characters)"
     return ascii(shown)[1:-1] if not shown.isprintable() else shown
+
+
+def check_int_range(name: str, value: int, low: int, high: int) -> int:
+    """``value`` when ``low <= value <= high``, else `InputError` naming the setting and its range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"{name} must be an integer from {low:,} to {high:,}, got {excerpt(value, 40)}")
+    return value
