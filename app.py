@@ -6,19 +6,21 @@ shipped report); nothing is computed here.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from vlmrel_core.validation.errors import InputError
+from vlmrel_core.validation.images import load_image
+from vlmrel_core.validation.questions import validate_question
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "sample_data"
 FAMILIES = {"late fusion (LLaVA class)": "late_fusion", "early fusion (PaliGemma class)": "early_fusion"}
-MAX_UPLOAD_PIXELS = 4096 * 4096
 
 st.set_page_config(page_title="vlmrel", layout="wide")
 
@@ -31,11 +33,12 @@ def load_gate_for(family: str):
     return load_gate(SAMPLE / "gates" / family / "gate.yaml")
 
 
-def read_upload(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_UPLOAD_PIXELS:
-            raise ValueError(f"image is {image.width}x{image.height}; the limit is {MAX_UPLOAD_PIXELS:,} pixels")
-        return image.convert("RGB")
+def read_upload(data: bytes, name: str = "uploaded image") -> Image.Image:
+    """The library's image validation (one pixel cap everywhere, bombs refused from the header); notes shown."""
+    validated = load_image(data, name=name)
+    for note in validated.notes:
+        st.info(note)
+    return validated.image
 
 
 def confidence_gauge(confidence: float, threshold: float | None, gray_zone: list[float] | None) -> go.Figure:
@@ -68,8 +71,8 @@ with left:
         upload = st.file_uploader("PNG or JPEG", type=["png", "jpg", "jpeg"])
         if upload is not None:
             try:
-                image = read_upload(upload.getvalue())
-            except (UnidentifiedImageError, OSError, ValueError) as err:
+                image = read_upload(upload.getvalue(), upload.name)
+            except InputError as err:
                 st.error(f"Cannot use this file: {err}")
     else:
         images = sorted((SAMPLE / "shapes_pope" / "images").glob("*.png"))[:40]
@@ -83,10 +86,12 @@ with left:
         st.image(image.resize((256, 256), Image.NEAREST), caption="what the model sees (upscaled)")
 
 with right:
-    if image is not None and question.strip() and st.button("Ask", type="primary"):
+    if image is not None and st.button("Ask", type="primary"):
         try:
             gate = load_gate_for(family)
-            decision = gate.answer(image, question.strip())
+            decision = gate.answer(image, validate_question(question))
+        except InputError as err:
+            st.error(f"Cannot ask this: {err}")
         except Exception as err:  # a model/gate failure must show, never crash the session
             st.error(f"The gate failed: {type(err).__name__}: {err}")
         else:
