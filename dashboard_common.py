@@ -41,7 +41,7 @@ class ModelChoice:
 # Library errors that already say what is wrong in words (module, class). Looked up in sys.modules only: an
 # error of a class whose module was never imported cannot occur, and importing torch to format a message would not do.
 WORDED_ERRORS = (
-    ("vlmrel_core.inspection.images", "ImageInputError"), ("vlmrel_core.gate.config", "GateConfigError"),
+    ("vlmrel_core.validation.errors", "InputError"), ("vlmrel_core.gate.config", "GateConfigError"),
     ("vlmrel_core.gate.records", "GateError"), ("vlmrel_core.analysis.probes", "ProbeError"),
     ("vlmrel_core.engine.loading", "ModelLoadError"), ("vlmrel_core.engine.store", "CacheError"),
     ("vlmrel_core.engine.adapters.base", "AdapterError"), ("vlmrel_core.data.loader", "DatasetError"),

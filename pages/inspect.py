@@ -10,7 +10,9 @@ from dashboard_common import (
     attempt, load_gate_cached, load_layer_probes_cached, shipped_questions, show_error, sidebar_model_choice,
     streamlit_progress,
 )
-from vlmrel_core.inspection.images import load_image_bytes
+from vlmrel_core.validation.errors import InputError
+from vlmrel_core.validation.images import load_image
+from vlmrel_core.validation.questions import validate_question
 from vlmrel_core.samples.catalog import sample_catalog
 
 SAMPLE, UPLOAD = "shipped sample", "upload"
@@ -41,18 +43,25 @@ with left:
                                  on_change=_use_sample_question)
         st.session_state.setdefault("question", by_id[sample_id]["question"])
         row = by_id[sample_id]
-        image = attempt("Opening the sample image", lambda: load_image_bytes(open(row["image"], "rb").read(), row["image"]))
+        image = attempt("Opening the sample image", lambda: load_image(row["image"]).image)
         image_id, truth = f"sample:{sample_id}", row["label"]
     elif source == UPLOAD:
         upload = st.file_uploader("An image (PNG or JPEG)", key="upload")
         if upload is not None:
-            image = attempt(f"Reading {upload.name}", lambda: load_image_bytes(upload.getvalue(), upload.name))
+            image = attempt(f"Reading {upload.name}", lambda: load_image(upload.getvalue(), upload.name).image)
             image_id = f"upload:{upload.file_id}"
-    question = st.text_input("Question", key="question", max_chars=300,
-                             placeholder="is there a red circle in the image?").strip()
+    raw_question = st.text_input("Question", key="question", max_chars=300,
+                                 placeholder="is there a red circle in the image?")
+    question, question_error = raw_question.strip(), None
+    if raw_question:  # checked as typed, by the library's one validation: the same refusal as the CLI's
+        try:
+            validate_question(raw_question)
+        except InputError as err:
+            question_error = str(err)
+            st.error(question_error)
     if image is not None:
         st.image(image.resize((256, 256)), caption="what the model sees (upscaled)" + (f" · truth: {truth}" if truth else ""))
-    asked = st.button("Ask", type="primary", key="ask", disabled=image is None or not question)
+    asked = st.button("Ask", type="primary", key="ask", disabled=image is None or not question or question_error is not None)
 
 signature = (str(choice.gate_yaml), image_id, question)
 if asked and image is not None and question:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlmrel_core.engine.inputs import (
-    InputError, check_dataset, read_image, require_dir, require_file, require_out_dir, require_run_dir,
-)
+from vlmrel_core.validation.errors import InputError
+from vlmrel_core.validation.files import check_dataset, require_dir, require_file, require_out_dir, require_run_dir
+from vlmrel_core.validation.images import load_image
 
 
 def test_missing_and_wrong_kind_paths_are_named(tmp_path):
@@ -41,9 +41,9 @@ def test_unreadable_images_name_the_file_not_a_stream(tmp_path):
     broken.write_bytes(b"not a png")
     for source, name in ((broken, None), (b"not a png", "upload.png")):
         with pytest.raises(InputError) as err:
-            read_image(source, name)
+            load_image(source, name)
         message = str(err.value)
         assert (str(broken) if name is None else "upload.png") in message
         assert "BytesIO" not in message and " object at 0x" not in message
-    with pytest.raises(InputError, match="cannot open image"):
-        read_image(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="missing.png"):
+        load_image(tmp_path / "missing.png")

@@ -16,7 +16,6 @@ from vlmrel_core.analysis.splits import SplitSpec, make_split
 from vlmrel_core.engine.store import RunReader
 from vlmrel_core.inspection.attention_view import AttentionGrids, hide_sinks, on_border, sink_mask, sink_summary
 from vlmrel_core.inspection.explain import routing_reason
-from vlmrel_core.inspection.images import ImageInputError, load_image_bytes
 from vlmrel_core.inspection.layer_probes import (
     LayerProbeError, fit_layer_probes, load_or_fit_layer_probes, training_run_dir,
 )
@@ -102,23 +101,6 @@ def test_attention_grids_from_capture_are_normalised_per_layer():
     assert grids.grid(3)[0, 0] == pytest.approx(17 / per_layer[1].sum())
     with pytest.raises(ValueError, match="not captured"):
         grids.grid(0)
-
-
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGBA", (20, 10), (255, 0, 0, 255)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def test_uploads_decode_or_fail_in_words():
-    image = load_image_bytes(_png(), "red.png")
-    assert image.mode == "RGB" and image.size == (20, 10)
-    with pytest.raises(ImageInputError, match="notes.txt is not an image"):
-        load_image_bytes(b"just some text", "notes.txt")
-    with pytest.raises(ImageInputError, match="empty"):
-        load_image_bytes(b"", "blank.png")
-    with pytest.raises(ImageInputError, match="limit is 100 pixels"):
-        load_image_bytes(_png(), "red.png", max_pixels=100)
 
 
 def _decision(action, confidence, accepted, *, raw=0.6, threshold_raw=None, sc=None, before=None):

@@ -79,7 +79,7 @@ def test_refresh_reports_progress_per_stage_on_one_monotone_bar(tmp_path, monkey
 
 
 def test_refresh_checks_models_and_splits_before_anything_runs(tmp_path):
-    from vlmrel_core.engine.inputs import InputError
+    from vlmrel_core.validation.files import InputError
     from vlmrel_core.engine.loading import ModelLoadError
     from vlmrel_core.samples.refresh import check_sample_root
 

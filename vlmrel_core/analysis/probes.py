@@ -29,6 +29,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from vlmrel_core.validation.errors import InputError
 from vlmrel_core import __version__
 from vlmrel_core.analysis.metrics import as_binary_labels, auroc_rows, require_both_classes
 from vlmrel_core.analysis.splits import Split, SplitSpec, group_keys, grouped_folds, labels_of, make_split
@@ -45,7 +46,7 @@ PROBE_TENSORS = "probe.safetensors"
 _TENSOR_NAMES = ("coef", "intercept", "scaler_mean", "scaler_scale")
 
 
-class ProbeError(ValueError):
+class ProbeError(InputError):
     """A probe that cannot be used as asked (wrong model, damaged files, wrong input shape), said in words."""
 
 

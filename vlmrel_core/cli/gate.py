@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,11 @@ def _json(value: Any) -> str:
 def _cmd_gate(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmrel_core.data.loader import VQASample, load_vqa_jsonl
+    from vlmrel_core.data.loader import load_vqa_jsonl
     from vlmrel_core.gate.batch import gate_dataset, write_decisions_jsonl
     from vlmrel_core.gate.bundle import load_gate, resolve_gate_config
+    from vlmrel_core.validation.images import load_image
+    from vlmrel_core.validation.questions import validate_question
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,14 +51,21 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     if not single and args.out is None:
         raise ValueError("batch mode needs --out OUT.jsonl")
     config = resolve_gate_config(args.config)
+    # every input is validated before the model is loaded: bad input costs milliseconds, not a model load
+    if single:
+        question = validate_question(args.question)
+        validated = load_image(args.image)
+        for note in validated.notes:
+            print(f"vlmrel gate: note: {note}", file=sys.stderr)
+    else:
+        requests = load_vqa_jsonl(args.data, args.image_root, require_label=False,
+                                  allow_external_paths=args.allow_external_paths)
     if args.device and config.monitor.model is not None:
         config.monitor.model.device = args.device
     gate = load_gate(config)
     if single:
-        image = VQASample("cli", Path(args.image), args.question, None).load_image()
-        print(_json(gate.answer(image, args.question).to_dict()))
+        print(_json(gate.answer(validated.image, question).to_dict()))
         return 0
-    requests = load_vqa_jsonl(args.data, args.image_root, require_label=False)
     if args.limit is not None:
         requests = requests[: args.limit]
     with tqdm_progress("gate", unit="q") as progress:
@@ -142,7 +152,9 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------- wiring
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: Any) -> None:
+    from vlmrel_core.cli.main import bounded_int
+
     """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
     p = subparsers.add_parser(
         "gate", help="answer with a calibrated confidence and a route (one image, or a JSONL batch)",
@@ -155,10 +167,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--data", default=None, help="JSONL with image + text/question (+ optional label): batch mode")
     p.add_argument("--image-root", default=None, help="folder the JSONL's image paths are relative to (default: its folder)")
     p.add_argument("--out", default=None, help="decisions JSONL (batch mode)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=8)
+    p.add_argument("--limit", type=bounded_int(1), default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--allow-external-paths", action="store_true",
+                   help="let the JSONL's image paths leave the image root (absolute paths, ../)")
     p.add_argument("--device", default=None, help="override the config's model device (cpu, cuda, ...)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=bounded_int(0, 1024), default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_gate)
 
     p = subparsers.add_parser(

@@ -24,15 +24,32 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated integers, got {text!r}") from err
 
 
+def bounded_int(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high], refused with the range otherwise (no K = 100000 runs)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}" if high is not None
+                                             else f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from vlmrel_core.engine.inputs import check_dataset, require_out_dir
+    from vlmrel_core.validation.files import check_dataset, require_out_dir
     from vlmrel_core.engine.loading import resolve_model_source
     from vlmrel_core.engine.store import ensure_run_dir_free
 
     # every input is checked before the model loads: a typo costs milliseconds, not a model load
     if args.shard_size < args.batch_size or args.shard_size % args.batch_size:
         raise ValueError(f"--shard-size ({args.shard_size}) must be a multiple of --batch-size ({args.batch_size})")
-    check_dataset(args.data, args.image_root)
+    # the dataset (rows, labels, image headers, paths) is checked before the model is loaded and anything written
+    check_dataset(args.data, args.image_root, allow_external_paths=args.allow_external_paths)
     require_out_dir(args.out)
     ensure_run_dir_free(args.out)
     resolve_model_source(args.model)
@@ -55,6 +72,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
                 shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
                 limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
+                allow_external_paths=args.allow_external_paths,
             )
     except KeyboardInterrupt:
         print(f"interrupted: finished shards are kept in {args.out}; run the same command again to resume", file=sys.stderr)
@@ -68,7 +86,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from vlmrel_core.data.shapes import write_split
-    from vlmrel_core.engine.inputs import require_out_dir
+    from vlmrel_core.validation.files import require_out_dir
 
     from vlmrel_core.progress import tqdm_progress
 
@@ -100,7 +118,7 @@ def _cmd_train_demo_models(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
     from vlmrel_core.demo_models.pipeline import write_model_card
-    from vlmrel_core.engine.inputs import require_dir
+    from vlmrel_core.validation.files import require_dir
     from vlmrel_core.engine.loading import resolve_model_source
 
     require_dir(args.data, "dataset folder")
@@ -131,7 +149,7 @@ def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from vlmrel_core.engine.inputs import require_run_dir
+    from vlmrel_core.validation.files import require_run_dir
     from vlmrel_core.engine.store import RunReader
 
     reader = RunReader(require_run_dir(args.run_dir))
@@ -145,6 +163,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmrel", description="Where reliability lives inside a VLM.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="cache every layer's pooled states, answers and output signals for a dataset")
@@ -157,17 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attentions", action=argparse.BooleanOptionalAction, default=True,
                    help="capture answer-position attention over image tokens (forces eager attention)")
     p.add_argument("--attn-implementation", default="sdpa", help="used when --no-attentions (eager is forced otherwise)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
+    p.add_argument("--shard-size", type=bounded_int(1, 1_000_000), default=256)
+    p.add_argument("--max-new-tokens", type=bounded_int(1, 512), default=8)
     p.add_argument("--normalization", choices=["lenient", "strict"], default="lenient")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    p.add_argument("--self-consistency", type=int, default=0, metavar="K",
+    p.add_argument("--limit", type=bounded_int(1), default=None, help="only the first N rows")
+    p.add_argument("--allow-external-paths", action="store_true",
+                   help="let the JSONL's image paths leave the image root (absolute paths, ../)")
+    p.add_argument("--self-consistency", type=bounded_int(0, 64), default=0, metavar="K",
                    help="also sample K answers per question (T=0.7, top-p 0.9) and store their agreement (K x cost)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model with accelerate")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=bounded_int(0, 1024), default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("generate-data", help="write the synthetic POPE-like splits (JSONL + PNGs)")
@@ -225,8 +246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (AdapterError, DatasetError, ModelLoadError, CacheError, ValueError) as err:
-        print(f"vlmrel {args.command}: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"vlmrel {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # a bug, not bad input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"vlmrel {args.command}: internal error: {type(err).__name__}: {str(err)[:300]} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def extract(
     limit: int | None = None,
     progress: Progress | None = None,
     self_consistency_k: int = 0,
+    allow_external_paths: bool = False,
 ) -> Path:
     """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
 
@@ -126,10 +127,16 @@ def extract(
     their agreement: the behavioural baseline, at K extra sampled sequences per question.
     The run folder is locked for the whole call: a second extraction into it fails at once (`RunInUseError`).
     """
+    from vlmrel_core.gate.config import MAX_NEW_TOKENS, MAX_SELF_CONSISTENCY_K
+    from vlmrel_core.validation.errors import check_int_range
+
+    check_int_range("batch_size", batch_size, 1, 1024)
+    check_int_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_int_range("self_consistency_k", self_consistency_k, 0, MAX_SELF_CONSISTENCY_K)
     if shard_size < batch_size or shard_size % batch_size:
         raise ValueError("shard_size must be a multiple of batch_size")
     ensure_run_dir_free(out_dir)  # before hashing the dataset (reads every image): a busy folder answers at once
-    samples = load_vqa_jsonl(data_path, image_root)
+    samples = load_vqa_jsonl(data_path, image_root, allow_external_paths=allow_external_paths)
     if limit is not None:
         samples = samples[:limit]
     chosen_layers = resolve_layers(loaded.n_layers, layers)

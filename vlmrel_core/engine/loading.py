@@ -140,13 +140,18 @@ def load_vlm(
     folder = resolve_model_source(source)  # before importing transformers: a bad path answers in milliseconds
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vlmrel_core.validation.models import check_model_folder
+
+    check_model_folder(folder)  # safetensors only: a pickle-only folder is refused with the reason, not unpickled
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read the model config in {folder}: {err}") from err
     adapter = adapter_for_model_type(config.model_type)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "local_files_only": True}
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype, "attn_implementation": attn_implementation, "local_files_only": True, "use_safetensors": True,
+    }
     if device_map:
         kwargs["device_map"] = device_map
     try:

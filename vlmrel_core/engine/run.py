@@ -20,6 +20,8 @@ from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable,
 from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.signals.output import output_signals
+from vlmrel_core.validation.images import load_image
+from vlmrel_core.validation.questions import prepare_question, question_token_limit
 
 
 @dataclass
@@ -41,8 +43,9 @@ class BatchRecord:
 
 
 def _as_rgb(image: Any) -> Image.Image:
+    """A validated RGB image (pixel cap, aspect, mode conversion): `validation.images`."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return load_image(image).image
     raise TypeError(f"expected a PIL image, got {type(image).__name__}")
 
 
@@ -85,8 +88,12 @@ def run_batch(
         raise ValueError("empty batch")
     adapter, model = loaded.adapter, loaded.model
     t0 = time.perf_counter()
+    rgb_images = [_as_rgb(i) for i in images]
+    max_tokens = question_token_limit(loaded)
     with loaded.processor_lock:
-        inputs = adapter.prepare_inputs(loaded.processor, [_as_rgb(i) for i in images], list(questions))
+        # user text is validated and its special-token strings neutralised: it is only ever read as text
+        prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
+        inputs = adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
     answer_tokens = loaded.answer_tokens
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

@@ -96,8 +96,12 @@ class SelfConsistencyResult:
 
 
 def _prepare(loaded: LoadedVLM, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-    with loaded.processor_lock:
-        inputs = loaded.adapter.prepare_inputs(loaded.processor, [_as_rgb(image)], [question])
+    from vlmrel_core.validation.questions import prepare_question, question_token_limit
+
+    rgb = _as_rgb(image)
+    with loaded.processor_lock:  # user text validated and neutralised, exactly as run_batch does
+        prompt = prepare_question(question, loaded.processor, question_token_limit(loaded))
+        inputs = loaded.adapter.prepare_inputs(loaded.processor, [rgb], [prompt])
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)

@@ -66,10 +66,10 @@ def _read_components(
     m = config.monitor
     if m.probe.path is None:
         raise GateConfigError("reliability_monitor.probe.path: the config names no probe directory")
-    probe = load_probe(config.resolve(m.probe.path), expected_fingerprint, expected_hidden_size)
+    probe = load_probe(config.resolve(m.probe.path, "probe.path"), expected_fingerprint, expected_hidden_size)
     calibration = None
     if m.probe.calibration_file is not None:
-        calibration = CalibrationBundle.load(config.resolve(m.probe.calibration_file))
+        calibration = CalibrationBundle.load(config.resolve(m.probe.calibration_file, "probe.calibration_file"))
         if calibration.model_fingerprint != probe.info.model_fingerprint:
             raise GateError(
                 f"reliability_monitor.probe.calibration_file: calibrated for model {calibration.model_fingerprint!r}, "

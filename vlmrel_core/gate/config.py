@@ -11,7 +11,10 @@ gray_zone_action}``, ``monitoring{drift_detection_interval, kl_divergence_thresh
 ``model`` (path or HF id), ``probe.path``, ``probe.pooling``, ``probe.calibration_file``,
 ``routing.risk_target{max_risk, delta}`` (instead of a plain threshold), ``routing.self_consistency{...}``,
 ``monitoring.window`` (and the KS / embedding-shift settings of `drift.DriftMonitor`), ``max_new_tokens`` and
-``normalization``. Relative paths are resolved against the YAML file's folder, so a bundle can be moved whole.
+``normalization``. Relative paths are resolved against the YAML file's folder, so a bundle can be moved whole;
+they must stay inside that folder unless ``allow_external_paths: true`` says otherwise (`validation.paths`).
+The YAML is read by `validation.yaml_safe` (size cap, no anchors/aliases, no duplicate keys) and every number has
+a range, so a config cannot ask for K = 100000 samples or 10^8 new tokens.
 
 Semantics a reader of the template might not guess:
 * ``probe.dropout`` is accepted for the template but unused: the probe is a logistic regression (no dropout).
@@ -34,13 +37,19 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from vlmrel_core.engine.capture import POOLINGS
 from vlmrel_core.io import atomic_write_text
+from vlmrel_core.validation.errors import InputError, excerpt
+from vlmrel_core.validation.paths import resolve_inside
+from vlmrel_core.validation.yaml_safe import load_yaml_file
 
 TOP_KEY = "reliability_monitor"
 _SC_ACTION = re.compile(r"^self_consistency_k(\d+)$")
 _IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+MAX_SELF_CONSISTENCY_K = 64  # each sample is a full generate call: K=64 is already 64x the cost of an answer
+MAX_NEW_TOKENS = 512  # a yes/no or short answer; 10^8 would generate until memory runs out
 
 
-class GateConfigError(ValueError):
+class GateConfigError(InputError):
     """A gate config that cannot be used; the message names the file and every bad field path."""
 
 
@@ -59,10 +68,10 @@ class ModelSection(_Strict):
 
 
 class ProbeSection(_Strict):
-    hidden_dim: int | None = Field(default=None, gt=0)
+    hidden_dim: int | None = Field(default=None, gt=0, le=1_000_000)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # template key; unused by a logistic-regression probe
     calibration_method: Literal["temperature_scaling", "isotonic"] = "temperature_scaling"
-    temperature: float | None = Field(default=None, gt=0.0)
+    temperature: float | None = Field(default=None, gt=0.0, le=1000.0)
     path: str | None = Field(default=None, min_length=1)
     pooling: Literal[POOLINGS] = "last_token"  # type: ignore[valid-type]
     calibration_file: str | None = Field(default=None, min_length=1)
@@ -86,9 +95,9 @@ class RiskTarget(_Strict):
 class SelfConsistencySection(_Strict):
     """Sampling settings of the gray-zone action (K comes from ``gray_zone_action``); the paper's T and top-p."""
 
-    temperature: float = Field(default=0.7, gt=0.0)
+    temperature: float = Field(default=0.7, gt=0.0, le=10.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     # A gray-zone answer is served when the K samples' majority equals the greedy answer with at least this share.
     min_agreement: float = Field(default=0.8, ge=0.0, le=1.0)
 
@@ -115,9 +124,10 @@ class RoutingSection(_Strict):
     @classmethod
     def _action(cls, value: str) -> str:
         match = _SC_ACTION.match(value)
-        if value in ("none", "fallback") or (match and int(match.group(1)) >= 1):
+        if value in ("none", "fallback") or (match and 1 <= int(match.group(1)) <= MAX_SELF_CONSISTENCY_K):
             return value
-        raise ValueError(f"must be 'none', 'fallback' or 'self_consistency_k<K>' with K >= 1 (e.g. self_consistency_k5), got {value!r}")
+        raise ValueError(f"must be 'none', 'fallback' or 'self_consistency_k<K>' with 1 <= K <= {MAX_SELF_CONSISTENCY_K} "
+                         f"(e.g. self_consistency_k5), got {excerpt(value, 40)!r}")
 
     @model_validator(mode="after")
     def _threshold_or_target(self) -> "RoutingSection":
@@ -147,12 +157,12 @@ def check_threshold_in_gray_zone(threshold: float, bounds: tuple[float, float] |
 
 class MonitoringSection(_Strict):
     drift_detection_interval: Literal["per_window", "hourly", "daily", "weekly", "monthly"] = "weekly"
-    kl_divergence_threshold: float = Field(default=0.15, gt=0.0)
+    kl_divergence_threshold: float = Field(default=0.15, gt=0.0, le=100.0)
     retrain_trigger: Literal["auto", "manual", "off"] = "manual"
-    window: int = Field(default=200, ge=2)
+    window: int = Field(default=200, ge=2, le=1_000_000)
     ks_alpha: float = Field(default=0.01, gt=0.0, lt=1.0)
-    embedding_shift_threshold: float = Field(default=0.05, gt=0.0)
-    bins: int = Field(default=10, ge=1)
+    embedding_shift_threshold: float = Field(default=0.05, gt=0.0, le=2.0)  # a cosine distance lies in [0, 2]
+    bins: int = Field(default=10, ge=1, le=1000)
 
 
 class LoggingSection(_Strict):
@@ -163,14 +173,15 @@ class LoggingSection(_Strict):
 
 class ReliabilityMonitorConfig(_Strict):
     architecture: Literal["early_fusion", "late_fusion"]
-    target_layer: int
+    target_layer: int = Field(ge=-4096, le=4096)
     model: ModelSection | None = None
     probe: ProbeSection
     routing: RoutingSection
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
-    max_new_tokens: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=8, ge=1, le=MAX_NEW_TOKENS)
     normalization: Literal["lenient", "strict"] = "lenient"
+    allow_external_paths: bool = False  # the model / probe / calibration paths may leave the config's folder
 
     @field_validator("model", mode="before")
     @classmethod
@@ -196,20 +207,29 @@ class GateConfig(_Strict):
         self._base_dir = Path(base_dir)
         return self
 
-    def resolve(self, path: str | None) -> Path | None:
-        """A path from the config: absolute as given, relative against the config file's folder."""
+    def resolve(self, path: str | None, what: str = "path") -> Path | None:
+        """A path from the config, relative against the config file's folder and confined to it unless
+        ``allow_external_paths`` is set (absolute paths likewise)."""
         if path is None:
             return None
-        candidate = Path(path).expanduser()
-        return candidate if candidate.is_absolute() else self._base_dir / candidate
+        try:
+            return resolve_inside(self._base_dir, path, f"{TOP_KEY}.{what}", self.monitor.allow_external_paths)
+        except InputError as err:
+            raise GateConfigError(str(err)) from None
 
     def model_source(self) -> str:
-        """The model path resolved against the config folder, or the string as given (an HF id) if no such path."""
+        """The model path resolved against the config folder (confined like every path), or the string as given
+        when it is an HF id (``org/name``) and no such local path exists."""
         model = self.monitor.model
         if model is None:
             raise GateConfigError(f"{TOP_KEY}.model: no model path in the config; pass a loaded model instead")
-        resolved = self.resolve(model.path)
-        return str(resolved) if resolved is not None and resolved.exists() else model.path
+        resolved = self.resolve(model.path, "model.path")
+        if resolved is not None and resolved.exists():
+            return str(resolved)
+        if _HF_ID.match(model.path) and not model.path.startswith("."):
+            return model.path
+        raise GateConfigError(f"{TOP_KEY}.model.path: {excerpt(model.path, 120)} is neither a folder ({resolved}) "
+                              "nor a model id like org/name")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -231,8 +251,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             if rest and parent is not None and field in parent.model_fields:
                 loc, message = f"{loc}.{field}", rest
         else:
-            message = f"{message} (got {item.get('input')!r})"
-        lines.append(f"  {loc}: {message}")
+            message = f"{message} (got {excerpt(repr(item.get('input')), 60)})"
+        lines.append(f"  {excerpt(loc, 120)}: {message}")
     return f"invalid gate config {source}:\n" + "\n".join(lines)
 
 
@@ -255,8 +275,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 def parse_gate_config(data: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> GateConfig:
     """Validate a mapping already read from YAML/JSON; raises GateConfigError naming each bad field path."""
     if not isinstance(data, dict) or TOP_KEY not in data:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise GateConfigError(f"invalid gate config {source}: the top-level key must be {TOP_KEY!r}, found {keys}")
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise GateConfigError(f"invalid gate config {source}: the top-level key must be {TOP_KEY!r}, found {excerpt(keys, 120)}")
     try:
         config = GateConfig.model_validate(data)
     except ValidationError as err:
@@ -265,14 +285,15 @@ def parse_gate_config(data: Any, source: str = "<dict>", base_dir: str | Path | 
 
 
 def load_gate_config(path: str | Path) -> GateConfig:
-    """Read a gate YAML with ``yaml.safe_load`` (no Python object tags) and validate it."""
+    """Read a gate YAML strictly (`validation.yaml_safe`: safe tags only, no aliases, no duplicate keys, size cap)
+    and validate it."""
     path = Path(path)
     if not path.is_file():
         raise GateConfigError(f"gate config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise GateConfigError(f"{path} is not valid YAML: {err}") from None
+        data = load_yaml_file(path)
+    except InputError as err:
+        raise GateConfigError(str(err)) from None
     return parse_gate_config(data, source=str(path), base_dir=path.resolve().parent)
 
 

@@ -72,6 +72,13 @@ def _model_path_for_bundle(model_source: str, out_dir: Path | None) -> str:
     return os.path.relpath(path.resolve(), out_dir.resolve())
 
 
+def _leaves_folder(path_text: str, out_dir: Path | None) -> bool:
+    """Whether a bundle path (as written into gate.yaml) names an existing path outside the bundle folder."""
+    base = (out_dir or Path.cwd()).resolve()
+    candidate = (Path(path_text) if Path(path_text).is_absolute() else base / path_text).resolve()
+    return candidate.exists() and not candidate.is_relative_to(base)
+
+
 def _gray_zone(
     gray_zone: tuple[float, float] | Literal["auto"] | None, threshold: float, halfwidth: float
 ) -> tuple[float, float] | None:
@@ -96,8 +103,9 @@ def _gate_config(
     calibrator: AnyCalibrator, routing: RoutingSection, model_path: str, out_dir: Path | None,
 ) -> GateConfig:
     """The bundle's config as validated pydantic objects; relative paths resolve against ``out_dir``."""
+    model_path_text = _model_path_for_bundle(model_path, out_dir)
     model = ModelSection(
-        path=_model_path_for_bundle(model_path, out_dir),
+        path=model_path_text,
         dtype=manifest.dtype if manifest.dtype in ("float32", "float16", "bfloat16") else "auto",
         attn_implementation=manifest.attn_implementation
         if manifest.attn_implementation in ("eager", "sdpa", "flash_attention_2") else "eager",
@@ -110,6 +118,8 @@ def _gate_config(
     monitor = ReliabilityMonitorConfig(
         architecture=architecture_name(manifest.fusion), target_layer=int(target_layer), model=model, probe=probe,
         routing=routing, max_new_tokens=int(manifest.max_new_tokens), normalization=manifest.normalization,
+        # a model outside the bundle (the shipped bundles point at sample_data/models) must be allowed explicitly
+        allow_external_paths=_leaves_folder(model_path_text, out_dir),
     )
     return GateConfig(reliability_monitor=monitor).with_base_dir(out_dir or Path.cwd())
 

@@ -6,7 +6,6 @@ the model-running code, and so the file format lives in one place.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -16,12 +15,14 @@ import numpy as np
 from vlmrel_core.gate.calibration import AnyCalibrator, calibrator_from_dict
 from vlmrel_core.gate.signal_calibration import OUTPUT_SIGNALS
 from vlmrel_core.io import write_json
+from vlmrel_core.validation.errors import InputError
+from vlmrel_core.validation.paths import read_json_file
 
 Action = Literal["generate", "fallback", "self_consistency"]
 CALIBRATION_SCHEMA_VERSION = 1
 
 
-class GateError(ValueError):
+class GateError(InputError):
     """A gate that cannot be assembled or run as configured (model/probe/calibration mismatch), said in words."""
 
 
@@ -118,12 +119,10 @@ class CalibrationBundle:
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationBundle":
         path = Path(path)
-        if not path.is_file():
-            raise GateError(f"calibration file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise GateError(f"{path} is not valid JSON ({err.msg})") from err
+        try:  # not found / not UTF-8 / not JSON: one line naming the file
+            data = read_json_file(path, "calibration file")
+        except InputError as err:
+            raise GateError(str(err)) from None
         if not isinstance(data, dict):
             raise GateError(f"{path}: expected a JSON object")
         return cls.from_dict(data, str(path))

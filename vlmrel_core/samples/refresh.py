@@ -94,7 +94,7 @@ def _stage(progress: Progress | None, index: int, family: str, stage: str) -> Pr
 
 def check_sample_root(root: str | Path, families: Sequence[str] = FAMILIES) -> Path:
     """Every input a refresh reads, checked before any model loads (the embedded models and the POPE splits)."""
-    from vlmrel_core.engine.inputs import require_dir, require_file
+    from vlmrel_core.validation.files import require_dir, require_file
     from vlmrel_core.engine.loading import resolve_model_source
 
     unknown = [f for f in families if f not in FAMILIES]

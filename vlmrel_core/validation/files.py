@@ -7,16 +7,10 @@ path (and line, via the dataset loader) and never show a Python object's repr.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from vlmrel_core.data.loader import VQASample, load_vqa_jsonl
-
-
-class InputError(ValueError):
-    """A missing or unusable input file or folder, named in words."""
+from vlmrel_core.validation.errors import InputError
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -62,25 +56,12 @@ def require_out_dir(path: str | Path) -> Path:
     return path
 
 
-def check_dataset(data_path: str | Path, image_root: str | Path | None = None) -> list[VQASample]:
-    """Every row of a VQA JSONL parsed and every image found (the loader names file and line on failure)."""
+def check_dataset(
+    data_path: str | Path, image_root: str | Path | None = None, allow_external_paths: bool = False,
+    require_label: bool = True,
+) -> list[VQASample]:
+    """Every row of a VQA JSONL parsed and validated, every image header checked (the loader names file and line)."""
     require_file(data_path, "dataset file")
     if image_root is not None:
         require_dir(image_root, "image root")
-    return load_vqa_jsonl(data_path, image_root)
-
-
-def read_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """An RGB image from a file path or uploaded bytes; errors name the file (``name`` for bytes), not a stream repr."""
-    label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
-    try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).expanduser().open("rb")
-    except OSError as err:
-        raise InputError(f"cannot open image {label}: {err.strerror or 'unreadable'}") from err
-    try:
-        with handle, Image.open(handle) as image:
-            return image.convert("RGB")
-    except UnidentifiedImageError as err:
-        raise InputError(f"cannot read image {label}: not an image format PIL recognises") from err
-    except OSError as err:
-        raise InputError(f"cannot read image {label}: the file is damaged or truncated") from err
+    return load_vqa_jsonl(data_path, image_root, require_label=require_label, allow_external_paths=allow_external_paths)
