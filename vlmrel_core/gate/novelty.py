@@ -183,3 +183,22 @@ def fit_novelty(
     model.info = {"n_train": int(train.shape[0]), "n_calibration": int(cal.shape[0]), "dim": int(train.shape[1]),
                   **info_extra}
     return model
+
+
+def run_split_states(reader: Any, probe: Any, pooling: str) -> dict[str, np.ndarray]:
+    """The probe layer's states of a run cut by the probe's own split: ``train``, ``calibration``, ``test``.
+
+    The split spec comes from the probe's metadata, so the novelty score sees exactly the rows the probe and the
+    risk certificate saw.
+    """
+    from vlmrel_core.analysis.splits import SplitSpec, make_split
+
+    spec = probe.info.split.get("spec") if isinstance(probe.info.split, dict) else None
+    if not spec:
+        raise NoveltyError("the probe's metadata has no split spec; refit it with `vlmrel build-gate`")
+    if reader.manifest.dataset_hash != probe.info.dataset_hash:
+        raise NoveltyError(f"{reader.run_dir} is not the probe's training run (dataset hash differs)")
+    parts = make_split(reader.rows, SplitSpec.from_dict(spec))
+    states = reader.states(pooling, [probe.info.layers[0]])[:, 0].astype(np.float64)
+    return {"train": states[parts.train], "calibration": states[parts.calibration], "test": states[parts.test],
+            "train_idx": parts.train, "calibration_idx": parts.calibration, "test_idx": parts.test}

@@ -41,6 +41,8 @@ from PIL import Image
 from vlmrel_core.gate.calibration import AnyCalibrator, CalibrationMethod, TemperatureScaler, calibrator_from_dict
 from vlmrel_core.engine.capture import resolve_layers
 from vlmrel_core.gate.drift import DriftMonitor, DriftReport, recalibrate
+from vlmrel_core.gate.novelty import NoveltyModel, fit_novelty
+from vlmrel_core.gate.ood_guard import OODGuard
 from vlmrel_core.gate.config import (
     GateConfig,
     GateConfigError,
@@ -64,6 +66,7 @@ BUNDLE_CONFIG = "gate.yaml"
 BUNDLE_PROBE = "probe"
 BUNDLE_CALIBRATION = "calibration.json"
 BUNDLE_REPORT = "report.json"
+BUNDLE_NOVELTY = "novelty"
 CALIBRATION_SCHEMA_VERSION = 1
 DEFAULT_GRAY_ZONE_HALFWIDTH = 0.075
 
@@ -88,6 +91,9 @@ class GateDecision:
     certified: bool  # decided by the risk-certified rule (False for plain thresholds and gray-zone acceptances)
     self_consistency: dict[str, Any] | None
     evidence: dict[str, Any]
+    novelty: float | None = None  # per-input novelty score of the probe state (None: the gate has no novelty model)
+    in_domain: bool = True  # False when the input is novel or its window is in alarm: the certificate does not apply
+    reason: str | None = None  # why an answer was not served as routed ("out of distribution", "window drift alarm")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,6 +216,7 @@ class ReliabilityGate:
         risk_certificate: Mapping[str, Any] | None = None,
         signal_calibrators: Mapping[str, AnyCalibrator] | None = None,
         drift_reference: DriftReference | None = None,
+        novelty: NoveltyModel | None = None,
     ) -> None:
         self.loaded = loaded
         self.probe = probe
@@ -253,6 +260,7 @@ class ReliabilityGate:
         self._window_conf: list[float] = []
         self._window_state_sum: np.ndarray | None = None
         self.last_drift_report: DriftReport | None = None
+        self.ood = OODGuard(novelty, m.novelty) if novelty is not None else None
 
     # ---- checks --------------------------------------------------------------------------------------
     def _check_model_and_probe(self) -> None:
@@ -409,6 +417,13 @@ class ReliabilityGate:
             action, accepted = "fallback", False
         else:
             action, accepted = where, where == "generate"
+        verdict = self.ood.observe(state) if self.ood is not None else None
+        reason = None
+        if verdict is not None and not verdict.in_domain:
+            certified = False  # the certificate holds only on the distribution it was fitted on
+            reason = "out of distribution" if verdict.novel else "window drift alarm"
+            if verdict.novel or m.novelty.on_alarm != "flag":
+                action, accepted = "fallback", False
         sc_calls = sc_result.n_forward_calls if sc_result else 0
         sc_sequence_passes = sc_result.sequence_forward_passes if sc_result else 0
         sc_seconds = sc_result.seconds if sc_result else 0.0
@@ -448,6 +463,10 @@ class ReliabilityGate:
             drift = self._update_drift(confidence, state)
         if drift is not None:
             evidence["drift"] = drift.to_dict()
+        if verdict is not None:
+            evidence["novelty_threshold"] = verdict.novelty_threshold
+            if verdict.window_report is not None:
+                evidence["window_drift"] = verdict.window_report
         return GateDecision(
             answer=answer,
             answer_text=answer_text,
@@ -459,6 +478,9 @@ class ReliabilityGate:
             self_consistency=None if sc_result is None else {**sc_result.to_dict(), "agrees_with_greedy": sc_result.majority_answer == answer,
                                                                "min_agreement": routing.self_consistency.min_agreement},
             evidence=evidence,
+            novelty=None if verdict is None else verdict.novelty,
+            in_domain=True if verdict is None else verdict.in_domain,
+            reason=reason,
         )
 
     def _update_drift(self, confidence: float, state: np.ndarray) -> DriftReport | None:
@@ -507,6 +529,7 @@ class GateComponents:
     probe: Probe
     calibrator: AnyCalibrator
     calibration: CalibrationBundle | None
+    novelty: NoveltyModel | None = None
 
     def gate(self, loaded: Any) -> ReliabilityGate:
         cal = self.calibration
@@ -515,6 +538,7 @@ class GateComponents:
             risk_certificate=cal.risk_certificate if cal else None,
             signal_calibrators=cal.signal_calibrators if cal else None,
             drift_reference=cal.drift_reference if cal else None,
+            novelty=self.novelty,
         )
 
     def confidences(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -544,7 +568,9 @@ def load_gate_components(
         calibrator = calibration.probe_calibrator
     else:
         calibrator = TemperatureScaler(score_kind="prob", temperature=float(m.probe.temperature))
-    return GateComponents(config, probe, calibrator, calibration)
+    novelty_dir = config.resolve(m.novelty.path)
+    novelty = NoveltyModel.load(novelty_dir) if novelty_dir is not None else None
+    return GateComponents(config, probe, calibrator, calibration, novelty)
 
 
 def load_gate(config: GateConfig | str | Path, loaded: Any | None = None) -> ReliabilityGate:
@@ -576,9 +602,10 @@ class GateBuild:
     calibration: CalibrationBundle
     report: dict[str, Any]
     out_dir: Path | None = None
+    novelty: NoveltyModel | None = None
 
     def gate(self, loaded: Any) -> ReliabilityGate:
-        return GateComponents(self.config, self.probe, self.calibrator, self.calibration).gate(loaded)
+        return GateComponents(self.config, self.probe, self.calibrator, self.calibration, self.novelty).gate(loaded)
 
 
 def _model_path_for_bundle(model_source: str, out_dir: Path | None) -> str:
@@ -719,6 +746,7 @@ def build_gate_from_run(
                 "calibration_file": BUNDLE_CALIBRATION,
             },
             "routing": routing,
+            "novelty": {"path": BUNDLE_NOVELTY},
             "max_new_tokens": int(manifest.max_new_tokens),
             "normalization": manifest.normalization,
         }
@@ -727,6 +755,8 @@ def build_gate_from_run(
     k = config.monitor.routing.self_consistency_k
 
     held_out = np.union1d(cal, test)
+    # Novelty: the k-NN score beat Mahalanobis (Ledoit-Wolf and OAS) on the shift report's held-out AUROC.
+    novelty = fit_novelty(states[parts.train], states[cal], "knn", seed=seed)
     drift_reference = DriftReference(conf[held_out], states[held_out].astype(np.float64).mean(axis=0),
                                      source=f"{run_dir}: calibration + test rows (n={held_out.size})")
     signal_calibrators = {
@@ -776,7 +806,10 @@ def build_gate_from_run(
         "calibration": reports,
         "calibration_summary": summary_table(reports),
     }
-    build = GateBuild(config, probe, calibrator, calibration, report, out_path)
+    report["novelty"] = {"method": novelty.method, "threshold": novelty.threshold,
+                         "false_reject_rate_target": novelty.false_reject_rate,
+                         "false_reject_rate_test": float(novelty.is_novel(states[test]).mean()) if test.size else None}
+    build = GateBuild(config, probe, calibrator, calibration, report, out_path, novelty)
     if out_path is not None:
         write_gate_bundle(build, out_path)
     return build
@@ -788,6 +821,8 @@ def write_gate_bundle(build: GateBuild, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     build.probe.save(out / BUNDLE_PROBE)
     build.calibration.save(out / BUNDLE_CALIBRATION)
+    if build.novelty is not None:
+        build.novelty.save(out / BUNDLE_NOVELTY)
     (out / BUNDLE_REPORT).write_text(json.dumps(build.report, indent=1, default=_json_default))
     dump_gate_config(build.config, out / BUNDLE_CONFIG)
     build.config.with_base_dir(out)
