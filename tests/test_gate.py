@@ -329,7 +329,7 @@ def test_build_reports_held_out_numbers_and_a_certificate(late_bundle):
 def test_bundle_round_trip_gives_identical_decisions(tiny_loaded, late_bundle):
     loaded = tiny_loaded["late_fusion"]
     bundle = late_bundle.out_dir
-    assert sorted(p.name for p in bundle.iterdir()) == ["calibration.json", "gate.yaml", "probe", "report.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["calibration.json", "gate.yaml", "novelty", "probe", "report.json"]
     assert not list(bundle.rglob("*.pkl")) and not list(bundle.rglob("*.pt"))
     in_memory = late_bundle.gate(loaded)
     from_disk = load_gate(bundle / "gate.yaml", loaded=loaded)

@@ -171,18 +171,24 @@ def fit_novelty(
     else:
         bank = (train - mean) / scale
         info_extra = {}
+    # Stored as float32: round now, so the fitted model and the one loaded from disk score identically.
+    mean, scale, precision, bank = (None if a is None else _f32(a) for a in (mean, scale, precision, bank))
     model = NoveltyModel(method, mean, scale, precision, bank, k, np.inf, false_reject_rate,
                          np.empty((0, train.shape[1])), np.empty(0))
     cal_scores = model.score(cal)
     model.threshold = float(np.quantile(cal_scores, 1.0 - false_reject_rate, method="higher"))
-    model.reference_scores = cal_scores
+    model.reference_scores = _f32(cal_scores)
     ref = cal if reference_states is None else _as_states(reference_states, "reference_states")
     if ref.shape[0] > reference_size:
         ref = ref[np.sort(np.random.default_rng(seed).choice(ref.shape[0], reference_size, replace=False))]
-    model.reference_states = ref
+    model.reference_states = _f32(ref)
     model.info = {"n_train": int(train.shape[0]), "n_calibration": int(cal.shape[0]), "dim": int(train.shape[1]),
                   **info_extra}
     return model
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32).astype(np.float64)
 
 
 def run_split_states(reader: Any, probe: Any, pooling: str) -> dict[str, np.ndarray]:
