@@ -113,7 +113,7 @@ _GATE: list[Any] = []
 
 def shared_gate() -> Any:
     if not _GATE:
-        from vlmrel_core.gate.runtime import load_gate
+        from vlmrel_core.gate.bundle import load_gate
 
         _GATE.append(load_gate(REPO / "sample_data" / "gates" / "late_fusion" / "gate.yaml"))
     return _GATE[0]
@@ -138,7 +138,7 @@ def _lib_jsonl(path: Path, require_label: bool, **kwargs: Any) -> Callable[[], A
 def _lib_config(path: Path, components: bool = False) -> Callable[[], Any]:
     def call() -> Any:
         from vlmrel_core.gate.config import load_gate_config
-        from vlmrel_core.gate.runtime import load_gate_components
+        from vlmrel_core.gate.bundle import load_gate_components
 
         config = load_gate_config(path)
         if components:

@@ -149,6 +149,24 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     return EXIT_DRIFT_ALERT if (args.fail_on_alert and result["alert"]) else 0
 
 
+def _cmd_shift_report(args: argparse.Namespace) -> int:
+    from vlmrel_core.gate.shift_report import shift_report, write_shift_report
+    from vlmrel_core.progress import tqdm_progress
+
+    shifts = {}
+    for item in args.shift:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--shift expects NAME=RUN_DIR, got {item!r}")
+        shifts[name] = path
+    with tqdm_progress("shift report") as progress:
+        result = shift_report(args.config, args.training_run, args.in_domain, shifts, n_windows=args.windows,
+                              n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed, progress=progress)
+    json_path, md_path = write_shift_report({args.name: result}, args.out)
+    print(_json({"json": str(json_path), "markdown": str(md_path), "goals": result["goals"]}))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- wiring
 
 
@@ -200,6 +218,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calibration-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_build_gate)
+
+    p = subparsers.add_parser(
+        "shift-report", help="certified risk, novelty routing and window-drift alarm rates per shifted run",
+        description="For each shifted run: accuracy, the certified rule's realised risk and coverage, the novelty-"
+                    "routed share, window alarm rates at 50/100/200, and in-domain false alarms / false rejects.",
+    )
+    p.add_argument("--config", required=True, help="gate YAML (a bundle's gate.yaml with a risk certificate)")
+    p.add_argument("--training-run", required=True, help="the run the gate was built from")
+    p.add_argument("--in-domain", nargs="*", default=[], help="extra held-out in-domain runs")
+    p.add_argument("--shift", action="append", default=[], required=True, help="NAME=RUN_DIR (repeatable)")
+    p.add_argument("--out", required=True, help="folder for shift_report.json + shift_report.md")
+    p.add_argument("--name", default="model", help="section name in the report")
+    p.add_argument("--windows", type=int, default=50, help="in-domain windows per size")
+    p.add_argument("--shift-windows", type=int, default=10, help="windows per size per shift")
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_shift_report)
 
     p = subparsers.add_parser(
         "drift", help="KL + KS on calibrated confidences and embedding shift: current run vs reference run",

@@ -7,6 +7,7 @@ byte and training images never collide with evaluation images (disjoint seed ran
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -94,6 +95,13 @@ class GeneratorConfig:
     # adversarial negatives are the plausible confusions POPE's co-occurrence sampling targets.
     cooccurrence_probability: float = 0.5
     palette_shift: int = 0
+    # Style/background shifts (defaults reproduce the original images byte for byte).
+    background: tuple[int, int, int] | None = None  # fixed background colour instead of the seeded grey
+    background_shift: int = 0  # added to every background channel (brightness)
+    outline: bool = False  # draw shape outlines instead of filled shapes
+    antialias: bool = False  # render at 4x and downsample (smooth edges)
+    jpeg_quality: int | None = None  # round-trip through JPEG at this quality
+    blur_radius: float = 1.2
 
 
 def _object_weights(config: GeneratorConfig) -> list[float]:
@@ -144,31 +152,55 @@ def make_scene(image_id: int, config: GeneratorConfig = GeneratorConfig()) -> Sc
 def render_scene(scene: Scene, config: GeneratorConfig = GeneratorConfig()) -> Image.Image:
     """Draw a scene as an RGB PIL image (shapes on a grey background plus seeded pixel noise)."""
     rng = random.Random(scene.image_id * 31 + 5)
-    background = tuple(rng.randint(90, 140) for _ in range(3))
-    image = Image.new("RGB", (config.image_size, config.image_size), background)
+    background = tuple(rng.randint(90, 140) for _ in range(3))  # drawn even when overridden: keeps rng in step
+    if config.background is not None:
+        background = tuple(config.background)
+    if config.background_shift:
+        background = tuple(min(255, max(0, c + config.background_shift)) for c in background)
+    scale = 4 if config.antialias else 1
+    image = Image.new("RGB", (config.image_size * scale, config.image_size * scale), background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         rgb = tuple(min(255, max(0, c + config.palette_shift)) for c in COLOURS[obj.colour])
-        r = obj.size / 2
-        x0, y0, x1, y1 = obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=rgb)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=rgb)
-        elif obj.shape == "triangle":
-            draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=rgb)
-        elif obj.shape == "diamond":
-            draw.polygon([(obj.cx, y0), (x1, obj.cy), (obj.cx, y1), (x0, obj.cy)], fill=rgb)
-        elif obj.shape == "cross":
-            t = max(2, obj.size // 5)
-            draw.rectangle((obj.cx - t, y0, obj.cx + t, y1), fill=rgb)
-            draw.rectangle((x0, obj.cy - t, x1, obj.cy + t), fill=rgb)
+        _draw_shape(draw, obj, rgb, scale, config.outline)
+    if scale > 1:
+        image = image.resize((config.image_size, config.image_size), Image.LANCZOS)
     if scene.noise > 0:
         noise = np.random.default_rng(scene.image_id).normal(0.0, scene.noise, (config.image_size, config.image_size, 1))
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
     if config.blur_probability and rng.random() < config.blur_probability:
-        image = image.filter(ImageFilter.GaussianBlur(radius=1.2))
+        image = image.filter(ImageFilter.GaussianBlur(radius=config.blur_radius))
+    if config.jpeg_quality is not None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=config.jpeg_quality)
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, rgb: tuple[int, ...], scale: int, outline: bool) -> None:
+    """One shape, filled (the default style) or as a 1-pixel-wide outline, at ``scale`` times the image size."""
+    r = obj.size / 2
+    cx, cy = obj.cx, obj.cy
+    x0, y0, x1, y1 = (cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale
+    cx, cy = cx * scale, cy * scale
+    style = {"outline": rgb, "width": scale} if outline else {"fill": rgb}
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), **style)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), **style)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], **style)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], **style)
+    elif obj.shape == "cross":
+        t = max(2, obj.size // 5) * scale
+        if outline:
+            draw.polygon([(cx - t, y0), (cx + t, y0), (cx + t, cy - t), (x1, cy - t), (x1, cy + t), (cx + t, cy + t),
+                          (cx + t, y1), (cx - t, y1), (cx - t, cy + t), (x0, cy + t), (x0, cy - t), (cx - t, cy - t)],
+                         **style)
+        else:
+            draw.rectangle((cx - t, y0, cx + t, y1), **style)
+            draw.rectangle((x0, cy - t, x1, cy + t), **style)
 
 
 def existence_question(name: str) -> str:

@@ -29,6 +29,19 @@ SHIFTS: dict[str, dict[str, float | int]] = {
     "small": {"min_size": 5, "max_size": 9},
 }
 SHIFTS["all"] = {k: v for shift in list(SHIFTS.values()) for k, v in shift.items()}
+#: Style and background shifts: same colours, shapes and questions, another way of drawing them.
+SHIFTS.update({
+    "background_white": {"background": (255, 255, 255)},
+    "background_dark": {"background_shift": -70},
+    "background_colour": {"background": (150, 120, 80)},
+    "noise_high": {"max_noise": 35.0},
+    "outline": {"outline": True},
+    "antialias": {"antialias": True},
+    "size_large": {"min_size": 18, "max_size": 28},
+    "jpeg": {"jpeg_quality": 15},
+    "blur_strong": {"blur_probability": 1.0, "blur_radius": 2.0},
+    "style": {"outline": True, "antialias": True, "background": (235, 235, 225)},
+})
 
 
 def shifted_config(kind: str = "all", base: GeneratorConfig = GeneratorConfig()) -> GeneratorConfig:

@@ -18,6 +18,7 @@ import numpy as np
 from vlmrel_core.analysis.probes import Probe, load_probe
 from vlmrel_core.gate.calibration import AnyCalibrator, TemperatureScaler, calibrator_from_dict
 from vlmrel_core.gate.config import GateConfig, GateConfigError, dump_gate_config, load_gate_config
+from vlmrel_core.gate.novelty import NoveltyModel
 from vlmrel_core.gate.records import CalibrationBundle, GateError
 from vlmrel_core.gate.runtime import ReliabilityGate
 from vlmrel_core.io import write_json
@@ -26,6 +27,7 @@ BUNDLE_CONFIG = "gate.yaml"
 BUNDLE_PROBE = "probe"
 BUNDLE_CALIBRATION = "calibration.json"
 BUNDLE_REPORT = "report.json"
+BUNDLE_NOVELTY = "novelty"
 
 
 @dataclass
@@ -36,6 +38,7 @@ class GateComponents:
     probe: Probe
     calibrator: AnyCalibrator
     calibration: CalibrationBundle | None
+    novelty: NoveltyModel | None = None  # absent in bundles built before the novelty guard: no OOD routing
 
     def gate(self, loaded: Any) -> ReliabilityGate:
         cal = self.calibration
@@ -44,6 +47,7 @@ class GateComponents:
             risk_certificate=cal.risk_certificate if cal else None,
             signal_calibrators=cal.signal_calibrators if cal else None,
             drift_reference=cal.drift_reference if cal else None,
+            novelty=self.novelty,
         )
 
     def confidences(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +82,9 @@ def _read_components(
         calibrator = calibration.probe_calibrator
     else:
         calibrator = TemperatureScaler(score_kind="prob", temperature=float(m.probe.temperature))
-    return GateComponents(config, probe, calibrator, calibration)
+    novelty_dir = config.resolve(m.novelty.path, "novelty.path")
+    novelty = NoveltyModel.load(novelty_dir) if novelty_dir is not None else None
+    return GateComponents(config, probe, calibrator, calibration, novelty)
 
 
 def load_gate_components(
@@ -108,13 +114,16 @@ def load_gate(config: GateConfig | str | Path, loaded: Any | None = None) -> Rel
 
 
 def write_gate_bundle(
-    out_dir: str | Path, config: GateConfig, probe: Probe, calibration: CalibrationBundle, report: Mapping[str, Any]
+    out_dir: str | Path, config: GateConfig, probe: Probe, calibration: CalibrationBundle, report: Mapping[str, Any],
+    novelty: NoveltyModel | None = None,
 ) -> Path:
-    """gate.yaml + probe/ + calibration.json + report.json in ``out_dir``; ``config`` is rebased onto it."""
+    """gate.yaml + probe/ + calibration.json + report.json (+ novelty/) in ``out_dir``; ``config`` is rebased onto it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     probe.save(out / BUNDLE_PROBE)
     calibration.save(out / BUNDLE_CALIBRATION)
+    if novelty is not None:
+        novelty.save(out / BUNDLE_NOVELTY)
     write_json(out / BUNDLE_REPORT, dict(report))
     dump_gate_config(config, out / BUNDLE_CONFIG)
     config.with_base_dir(out)
@@ -141,6 +150,6 @@ def write_recalibrated_bundle(config: GateSource, calibrator: Mapping[str, Any],
 
 
 __all__ = [
-    "BUNDLE_CALIBRATION", "BUNDLE_CONFIG", "BUNDLE_PROBE", "BUNDLE_REPORT", "GateComponents", "GateSource", "as_components",
+    "BUNDLE_CALIBRATION", "BUNDLE_CONFIG", "BUNDLE_NOVELTY", "BUNDLE_PROBE", "BUNDLE_REPORT", "GateComponents", "GateSource", "as_components",
     "load_gate", "load_gate_components", "resolve_gate_config", "write_gate_bundle", "write_recalibrated_bundle",
 ]

@@ -165,6 +165,24 @@ class MonitoringSection(_Strict):
     bins: int = Field(default=10, ge=1, le=1000)
 
 
+class NoveltySection(_Strict):
+    """Out-of-distribution guard (`gate.novelty`, `gate.drift_tests`): per-input novelty score and window tests.
+
+    An input whose novelty score exceeds the bundle's threshold goes to the fallback ("out of distribution",
+    never certified). While a window of ``window`` inputs is in alarm no decision is certified, and ``on_alarm``
+    says what else happens: ``flag`` (serve as routed, uncertified), ``fallback`` (route everything to the
+    fallback) or ``recalibrate`` (fallback, and the gate asks for a labelled sample to recalibrate on).
+    """
+
+    path: str | None = Field(default=None, min_length=1)  # folder with novelty.json + novelty.safetensors
+    route_novel: bool = True
+    window_tests: list[Literal["classifier", "mmd", "novelty_rate"]] = Field(
+        default_factory=lambda: ["classifier", "novelty_rate"], min_length=1)
+    window: int = Field(default=200, ge=20, le=100_000)
+    alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
+    on_alarm: Literal["flag", "fallback", "recalibrate"] = "flag"
+
+
 class LoggingSection(_Strict):
     capture_states: bool = False  # put the probe-layer state vector in each decision's evidence
     log_confidence_distributions: bool = True  # keep a tumbling window of confidences and drift-check it
@@ -178,6 +196,7 @@ class ReliabilityMonitorConfig(_Strict):
     probe: ProbeSection
     routing: RoutingSection
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
+    novelty: NoveltySection = Field(default_factory=NoveltySection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     max_new_tokens: int = Field(default=8, ge=1, le=MAX_NEW_TOKENS)
     normalization: Literal["lenient", "strict"] = "lenient"

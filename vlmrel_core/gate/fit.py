@@ -21,17 +21,19 @@ from vlmrel_core.analysis.probes import DEFAULT_C_GRID, Probe, fit_run_probe, se
 from vlmrel_core.analysis.splits import SplitSpec, labels_of, make_split
 from vlmrel_core.engine.capture import resolve_layers
 from vlmrel_core.engine.store import RunManifest, RunReader
-from vlmrel_core.gate.bundle import BUNDLE_CALIBRATION, BUNDLE_PROBE, GateComponents, write_gate_bundle
+from vlmrel_core.gate.bundle import BUNDLE_CALIBRATION, BUNDLE_NOVELTY, BUNDLE_PROBE, GateComponents, write_gate_bundle
 from vlmrel_core.gate.calibration import AnyCalibrator, CalibrationMethod, TemperatureScaler
 from vlmrel_core.gate.config import (
     GateConfig,
     GateConfigError,
     ModelSection,
+    NoveltySection,
     ProbeSection,
     ReliabilityMonitorConfig,
     RiskTarget,
     RoutingSection,
 )
+from vlmrel_core.gate.novelty import NoveltyModel, fit_novelty
 from vlmrel_core.gate.records import CalibrationBundle, DriftReference
 from vlmrel_core.gate.risk import RiskThreshold, UnreachableRiskTarget, select_risk_threshold
 from vlmrel_core.gate.runtime import ReliabilityGate, architecture_name
@@ -52,16 +54,18 @@ class GateBuild:
     calibration: CalibrationBundle
     report: dict[str, Any]
     out_dir: Path | None = None
+    novelty: NoveltyModel | None = None
 
     def components(self) -> GateComponents:
-        return GateComponents(self.config, self.probe, self.calibrator, self.calibration)
+        return GateComponents(self.config, self.probe, self.calibrator, self.calibration, self.novelty)
 
     def gate(self, loaded: Any) -> ReliabilityGate:
         return self.components().gate(loaded)
 
     def write(self, out_dir: str | Path) -> Path:
         """Write the bundle to ``out_dir`` and remember it there (the config's relative paths resolve against it)."""
-        self.out_dir = write_gate_bundle(out_dir, self.config, self.probe, self.calibration, self.report)
+        self.out_dir = write_gate_bundle(out_dir, self.config, self.probe, self.calibration, self.report,
+                                         self.novelty)
         return self.out_dir
 
 
@@ -118,6 +122,7 @@ def _gate_config(
     monitor = ReliabilityMonitorConfig(
         architecture=architecture_name(manifest.fusion), target_layer=int(target_layer), model=model, probe=probe,
         routing=routing, max_new_tokens=int(manifest.max_new_tokens), normalization=manifest.normalization,
+        novelty=NoveltySection(path=BUNDLE_NOVELTY),
         # a model outside the bundle (the shipped bundles point at sample_data/models) must be allowed explicitly
         allow_external_paths=_leaves_folder(model_path_text, out_dir),
     )
@@ -236,6 +241,9 @@ def build_gate_from_run(
 
     report_progress(progress, 3, total, "held-out report")
     held_out = np.union1d(cal, test)
+    # Novelty: the k-NN score beat Mahalanobis (Ledoit-Wolf and OAS) on the shift report's held-out AUROC (late
+    # fusion; early fusion was a near tie); threshold set on the calibration split (see gate.novelty).
+    novelty = fit_novelty(states[parts.train], states[cal], "knn", seed=seed)
     drift_reference = DriftReference(conf[held_out], states[held_out].astype(np.float64).mean(axis=0),
                                      source=f"{run_dir}: calibration + test rows (n={held_out.size})")
     signal_calibrators = {
@@ -285,7 +293,10 @@ def build_gate_from_run(
         "calibration": reports,
         "calibration_summary": summary_table(reports),
     }
-    build = GateBuild(config, probe, calibrator, calibration, report)
+    report["novelty"] = {"method": novelty.method, "threshold": novelty.threshold,
+                         "false_reject_rate_target": novelty.false_reject_rate,
+                         "false_reject_rate_test": float(novelty.is_novel(states[test]).mean()) if test.size else None}
+    build = GateBuild(config, probe, calibrator, calibration, report, novelty=novelty)
     if out_path is not None:
         report_progress(progress, 4, total, "write bundle")
         build.write(out_path)

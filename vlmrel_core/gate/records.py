@@ -39,6 +39,9 @@ class GateDecision:
     certified: bool  # decided by the risk-certified rule (False for plain thresholds and gray-zone acceptances)
     self_consistency: dict[str, Any] | None
     evidence: dict[str, Any]
+    novelty: float | None = None  # per-input novelty score of the probe state (None: the gate has no novelty model)
+    in_domain: bool = True  # False when the input is novel or its window is in alarm: the certificate does not apply
+    reason: str | None = None  # why an answer was not served as routed ("out of distribution", "window drift alarm")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,8 @@ from vlmrel_core.engine.capture import resolve_layers
 from vlmrel_core.gate.calibration import AnyCalibrator, TemperatureScaler
 from vlmrel_core.gate.config import GateConfig, ReliabilityMonitorConfig
 from vlmrel_core.gate.drift import DriftMonitor, DriftReport
+from vlmrel_core.gate.novelty import NoveltyModel
+from vlmrel_core.gate.ood_guard import OODGuard
 from vlmrel_core.gate.records import Action, DriftReference, GateDecision, GateError
 from vlmrel_core.gate.signal_calibration import signal_scores
 from vlmrel_core.signals.consistency import SelfConsistencyConfig
@@ -71,6 +73,7 @@ class ReliabilityGate:
         risk_certificate: Mapping[str, Any] | None = None,
         signal_calibrators: Mapping[str, AnyCalibrator] | None = None,
         drift_reference: DriftReference | None = None,
+        novelty: NoveltyModel | None = None,
     ) -> None:
         self.loaded = loaded
         self.probe = probe
@@ -114,6 +117,7 @@ class ReliabilityGate:
         self._window_conf: list[float] = []
         self._window_state_sum: np.ndarray | None = None
         self.last_drift_report: DriftReport | None = None
+        self.ood = OODGuard(novelty, m.novelty) if novelty is not None else None
 
     # ---- checks --------------------------------------------------------------------------------------
     def _check_model_and_probe(self) -> None:
@@ -270,6 +274,13 @@ class ReliabilityGate:
             action, accepted = "fallback", False
         else:
             action, accepted = where, where == "generate"
+        verdict = self.ood.observe(state) if self.ood is not None else None
+        reason = None
+        if verdict is not None and not verdict.in_domain:
+            certified = False  # the certificate holds only on the distribution it was fitted on
+            reason = "out of distribution" if verdict.novel else "window drift alarm"
+            if verdict.novel or m.novelty.on_alarm != "flag":
+                action, accepted = "fallback", False
         sc_calls = sc_result.n_forward_calls if sc_result else 0
         sc_sequence_passes = sc_result.sequence_forward_passes if sc_result else 0
         sc_seconds = sc_result.seconds if sc_result else 0.0
@@ -309,6 +320,10 @@ class ReliabilityGate:
             drift = self._update_drift(confidence, state)
         if drift is not None:
             evidence["drift"] = drift.to_dict()
+        if verdict is not None:
+            evidence["novelty_threshold"] = verdict.novelty_threshold
+            if verdict.window_report is not None:
+                evidence["window_drift"] = verdict.window_report
         return GateDecision(
             answer=answer,
             answer_text=answer_text,
@@ -320,6 +335,9 @@ class ReliabilityGate:
             self_consistency=None if sc_result is None else {**sc_result.to_dict(), "agrees_with_greedy": sc_result.majority_answer == answer,
                                                                "min_agreement": routing.self_consistency.min_agreement},
             evidence=evidence,
+            novelty=None if verdict is None else verdict.novelty,
+            in_domain=True if verdict is None else verdict.in_domain,
+            reason=reason,
         )
 
     def _update_drift(self, confidence: float, state: np.ndarray) -> DriftReport | None:
