@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE_MODELS
+from conftest import SAMPLES
 from vlmrel_core.validation.errors import InputError
 from vlmrel_core.validation.questions import (
     check_question_tokens,
@@ -49,7 +49,7 @@ def test_any_input_is_accepted_or_refused_with_input_error(text):
 def processor(request):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(SAMPLE_MODELS / request.param)
+    return AutoProcessor.from_pretrained(SAMPLES.model_dir(request.param))
 
 
 def test_image_token_in_a_question_is_tokenised_as_text(processor):
