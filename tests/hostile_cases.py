@@ -363,7 +363,7 @@ CASES: list[Case] = [
     Case("yaml_k_100000", "yaml", "error", r"gray_zone_action: .*K <= 64", gate_config(_set("gray_zone_action", "self_consistency_k100000"))),
     Case("yaml_max_new_tokens_1e8", "yaml", "error", r"max_new_tokens: Input should be less than or equal to 512", gate_config(_set("max_new_tokens", "100000000"))),
     Case("yaml_window_1e12", "yaml", "error", r"monitoring.window: Input should be less than", gate_config(_set("window", "1000000000000"))),
-    Case("yaml_oversized", "yaml", "error", r"over the 65,536-byte limit", gate_config(lambda t: t + "#" * 70_000 + "\n")),
+    Case("yaml_oversized", "yaml", "error", r"bytes; the limit is 65,536", gate_config(lambda t: t + "#" * 70_000 + "\n")),
     Case("yaml_python_tag", "yaml", "error", r"not valid YAML", gate_config(raw=b"reliability_monitor: !!python/object/apply:os.system ['echo pwned']\n")),
     Case("yaml_not_utf8", "yaml", "error", r"gate.yaml is not UTF-8", gate_config(raw=b"reliability_monitor: \xff\xfe\n")),
     Case("yaml_deep_nesting", "yaml", "error", r"nested too deeply|not valid YAML", gate_config(raw=b"reliability_monitor: " + b"[" * 20_000 + b"]" * 20_000 + b"\n")),

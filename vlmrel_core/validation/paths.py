@@ -31,18 +31,23 @@ def resolve_inside(base_dir: str | Path, path: str | Path, what: str, allow_exte
     return resolved
 
 
-def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
-    """A JSON file's content; not found / too large / not UTF-8 / not JSON are `InputError` naming the file."""
+def read_text_file(path: str | Path, what: str, max_bytes: int) -> str:
+    """A UTF-8 text file (BOM allowed) read whole only after its size is checked; `InputError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise InputError(f"{what} {path} is {path.stat().st_size:,} bytes; the limit is {MAX_JSON_BYTES:,}")
-    raw = path.read_bytes()
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"{what} {path} is {size:,} bytes; the limit is {max_bytes:,}")
     try:
-        text = raw.decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}); is it the right file?") from None
+
+
+def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
+    """A JSON file's content; not found / too large / not UTF-8 / not JSON are `InputError` naming the file."""
+    text = read_text_file(path, what, MAX_JSON_BYTES)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -14,6 +14,7 @@ from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
 
 from vlmrel_core.validation.errors import InputError, excerpt
+from vlmrel_core.validation.paths import read_text_file
 
 MAX_YAML_BYTES = 64 * 1024
 
@@ -66,15 +67,4 @@ def load_yaml_text(text: str, source: str = "<yaml>", max_bytes: int = MAX_YAML_
 
 def load_yaml_file(path: str | Path, max_bytes: int = MAX_YAML_BYTES) -> Any:
     """Read a YAML file (UTF-8, BOM allowed) with the size checked before reading it whole."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InputError(f"{path}: {size:,} bytes is over the {max_bytes:,}-byte limit for a YAML config")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path} is not UTF-8 text (byte {err.start}); is it the right file?") from None
-    return load_yaml_text(text, str(path), max_bytes)
+    return load_yaml_text(read_text_file(path, "YAML config", max_bytes), str(path), max_bytes)
