@@ -54,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture
+    from vlmrel_core.engine.capture import TokenLayout, capture
+from vlmrel_core.engine.layers import POOLINGS
     from vlmrel_core.data.shapes import make_scene, render_scene
     from vlmrel_core.engine.loading import load_vlm
 

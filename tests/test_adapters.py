@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from vlmrel_core.engine.adapters import AdapterError, adapter_for_model_type, supported_model_types
-from vlmrel_core.engine.adapters.base import normalize_answer, resolve_attribute_path
+from vlmrel_core.engine.adapters.base import resolve_attribute_path
+from vlmrel_core.engine.answers import normalize_answer
 from vlmrel_core.data.shapes import make_scene, render_scene
 
 

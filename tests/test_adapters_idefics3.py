@@ -18,7 +18,7 @@ from conftest import greedy_generation, save_checkpoint, word_level_tokenizer
 from vlmrel_core.engine.adapters import AdapterError, adapter_for_model_type
 from vlmrel_core.engine.adapters.base import ImageGridUnavailable
 from vlmrel_core.engine.adapters.idefics3 import IDEFICS3_FALLBACK_PROMPT, Idefics3Adapter, smolvlm_image_only_processor_class
-from vlmrel_core.engine.capture import POOLINGS
+from vlmrel_core.engine.layers import POOLINGS
 from vlmrel_core.engine.loading import load_vlm
 from vlmrel_core.engine.run import run_batch
 

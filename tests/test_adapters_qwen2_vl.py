@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import greedy_generation, save_checkpoint, word_level_tokenizer
 from vlmrel_core.engine.adapters import AdapterError, adapter_for_model_type, supported_model_types
 from vlmrel_core.engine.adapters.qwen2_vl import QWEN2_VL_FALLBACK_PROMPT, Qwen2VLAdapter, image_only_processor_class
-from vlmrel_core.engine.capture import POOLINGS
+from vlmrel_core.engine.layers import POOLINGS
 from vlmrel_core.engine.loading import load_vlm
 from vlmrel_core.engine.run import run_batch
 

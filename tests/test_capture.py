@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vlmrel_core.engine.adapters import AdapterError
-from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture, resolve_layers
+from vlmrel_core.engine.capture import TokenLayout, capture
+from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.data.shapes import make_scene, render_scene
 from vlmrel_core.engine.run import run_batch
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import SAMPLES
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.demo_models.train import TrainConfig, learning_rate, train_demo_model
-from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.loading import load_vlm
 from vlmrel_core.engine.run import run_batch
 from vlmrel_core.samples.catalog import FAMILY_SPECS

@@ -10,7 +10,7 @@ import pytest
 
 from gate_helpers import constant_probe, gate_config, make_gate, without_timings
 from vlmrel_core.data.loader import load_vqa_jsonl
-from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.gate.batch import gate_dataset, write_decisions_jsonl
 from vlmrel_core.gate.calibration import TemperatureScaler
 from vlmrel_core.gate.runtime import ReliabilityGate

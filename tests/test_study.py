@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from vlmrel_core.data.loader import load_vqa_jsonl
-from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.run import run_batch
 from vlmrel_core.interventions import ablation, study
 

@@ -171,7 +171,7 @@ def _cmd_shift_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from vlmrel_core.cli.main import bounded_int
+    from vlmrel_core.cli.args import bounded_int
 
     """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
     p = subparsers.add_parser(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmrel_core.samples.catalog import FAMILIES, SampleCatalog, cli_path
+from vlmrel_core.cli.args import bounded_int
 
 _SAMPLES = SampleCatalog.locate(check=False)  # defaults only; a missing file is reported by the command using it
 DEFAULT_LATE = cli_path(_SAMPLES.model_dir("late_fusion", check=False))
@@ -22,22 +23,6 @@ def _parse_layers(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",")]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated integers, got {text!r}") from err
-
-
-def bounded_int(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high], refused with the range otherwise (no K = 100000 runs)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}" if high is not None
-                                             else f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from vlmrel_core.engine.adapters.base import NUMBER_WORDS, normalize_answer
+from vlmrel_core.engine.answers import NUMBER_WORDS, normalize_answer
 from vlmrel_core.validation.errors import InputError, excerpt
 from vlmrel_core.validation.images import check_image_header, load_image
 from vlmrel_core.validation.paths import resolve_inside

@@ -47,7 +47,7 @@ def write_model_card(
     import pandas as pd
 
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.engine.adapters.base import is_correct
+    from vlmrel_core.engine.answers import is_correct
     from vlmrel_core.engine.loading import load_vlm
     from vlmrel_core.engine.run import run_batch
 

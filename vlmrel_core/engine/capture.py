@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from vlmrel_core.engine.adapters.base import AdapterError, VLMAdapter
+from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 
 Pooling = Literal["last_token", "mean_all", "mean_image", "mean_text"]
-POOLINGS: tuple[str, ...] = ("last_token", "mean_all", "mean_image", "mean_text")
 
 _ACTIVE: contextvars.ContextVar[object | None] = contextvars.ContextVar("vlmrel_active_hook_owner", default=None)
 
@@ -95,19 +95,6 @@ def _pool(hidden: torch.Tensor, layout: TokenLayout, pooling: str) -> torch.Tens
     return (hidden * weights).sum(dim=1) / counts
 
 
-def resolve_layers(n_layers: int, layers: Sequence[int] | None) -> list[int]:
-    """Decoder-layer indices (0-based, negative allowed); None means every layer."""
-    if layers is None:
-        return list(range(n_layers))
-    resolved = []
-    for layer in layers:
-        index = layer + n_layers if layer < 0 else layer
-        if not 0 <= index < n_layers:
-            raise ValueError(f"layer {layer} out of range for a decoder with {n_layers} layers")
-        resolved.append(index)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"duplicate layers in {list(layers)}")
-    return resolved
 
 
 def _check_eager(model: nn.Module) -> None:

@@ -14,8 +14,8 @@ import pandas as pd
 from PIL import Image
 
 from vlmrel_core import __version__
-from vlmrel_core.engine.adapters.base import NormalizationMode, is_correct, normalize_answer
-from vlmrel_core.engine.capture import POOLINGS, resolve_layers
+from vlmrel_core.engine.answers import NormalizationMode, is_correct, normalize_answer
+from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.run import BatchRecord, run_batch

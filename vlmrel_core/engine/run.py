@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable, NormalizationMode
-from vlmrel_core.engine.capture import POOLINGS, TokenLayout, capture
+from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable
+from vlmrel_core.engine.answers import NormalizationMode
+from vlmrel_core.engine.capture import TokenLayout, capture
+from vlmrel_core.engine.layers import POOLINGS
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.signals.output import output_signals
 from vlmrel_core.validation.images import load_image

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vlmrel_core.engine.adapters.base import NormalizationMode
+from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.run import _as_rgb
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmrel_core.data.loader import VQASample
-from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.gate.records import GateDecision
 from vlmrel_core.gate.runtime import ReliabilityGate
 from vlmrel_core.io import atomic_write_text, json_default

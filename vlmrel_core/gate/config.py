@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from vlmrel_core.engine.capture import POOLINGS
+from vlmrel_core.engine.layers import POOLINGS
 from vlmrel_core.io import atomic_write_text
 from vlmrel_core.validation.errors import InputError, excerpt
 from vlmrel_core.validation.paths import resolve_inside

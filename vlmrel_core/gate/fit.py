@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from vlmrel_core.analysis.metrics import area_under_risk_coverage, risk_coverage_curve
 from vlmrel_core.analysis.probes import DEFAULT_C_GRID, Probe, fit_run_probe, select_layer_probe
 from vlmrel_core.analysis.splits import SplitSpec, labels_of, make_split
-from vlmrel_core.engine.capture import resolve_layers
+from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.engine.store import RunManifest, RunReader
 from vlmrel_core.gate.bundle import BUNDLE_CALIBRATION, BUNDLE_NOVELTY, BUNDLE_PROBE, GateComponents, write_gate_bundle
 from vlmrel_core.gate.calibration import AnyCalibrator, CalibrationMethod, TemperatureScaler

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from vlmrel_core.analysis.probes import Probe, ProbeError
-from vlmrel_core.engine.capture import resolve_layers
+from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.gate.calibration import AnyCalibrator, TemperatureScaler
 from vlmrel_core.gate.config import GateConfig, ReliabilityMonitorConfig
 from vlmrel_core.gate.drift import DriftMonitor, DriftReport

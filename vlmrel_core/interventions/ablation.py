@@ -29,7 +29,7 @@ from torch import nn
 
 from vlmrel_core.analysis.probes import PROBE_TENSORS, Probe, ProbeError, load_probe
 from vlmrel_core.engine.adapters.base import AdapterError
-from vlmrel_core.engine.capture import resolve_layers
+from vlmrel_core.engine.layers import resolve_layers
 
 AblationMode = Literal["zero", "mean"]
 ABLATION_MODES: tuple[str, ...] = ("zero", "mean")

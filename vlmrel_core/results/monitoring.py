@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, RootModel, model_validator
 
-from vlmrel_core.interventions.study import TABLE_COLUMNS
 from vlmrel_core.results.files import ResultsError, read_csv_table, read_json_object, validate
 
 DRIFT_FILE = "drift.json"
@@ -135,6 +134,8 @@ class AblationTable:
 
 def load_ablation_table(path: str | Path) -> AblationTable:
     path = Path(path)
+    from vlmrel_core.interventions.study import TABLE_COLUMNS  # torch: only when an ablation table is read
+
     frame = read_csv_table(path, "ablation table", TABLE_COLUMNS)
     for column in ("layer", "k", "n_dims", "draw"):
         frame[column] = frame[column].astype("Int64")

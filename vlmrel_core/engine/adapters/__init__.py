@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmrel_core.engine.adapters.base import AdapterError, AnswerTokens, VLMAdapter, normalize_answer
+from vlmrel_core.engine.adapters.base import AdapterError, AnswerTokens, VLMAdapter
+from vlmrel_core.engine.answers import normalize_answer
 from vlmrel_core.engine.adapters.idefics3 import Idefics3Adapter
 from vlmrel_core.engine.adapters.llava import LlavaAdapter
 from vlmrel_core.engine.adapters.paligemma import PaliGemmaAdapter
