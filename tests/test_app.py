@@ -157,7 +157,7 @@ def test_a_non_image_upload_is_one_clear_error():
     app.radio(key="image_source").set_value("upload").run()
     app.file_uploader(key="upload").upload("notes.txt", b"not an image at all", "text/plain").run()
     assert not app.exception
-    assert len(app.error) == 1 and "notes.txt is not an image" in app.error[0].value
+    assert len(app.error) == 1 and "notes.txt: not an image" in app.error[0].value
     assert app.button(key="ask").disabled
 
 

@@ -246,7 +246,7 @@ def test_a_non_image_upload_shows_one_clear_error(page):
     _open_home(page)
     _upload(page, name="notes.txt", mimeType="text/plain", buffer=b"this is not an image")
     errors = _errors(page)
-    assert len(errors) == 1 and "notes.txt is not an image" in errors[0], errors
+    assert len(errors) == 1 and "notes.txt: not an image" in errors[0], errors
     assert not page.locator('[data-testid="stException"]').count()
     assert page.get_by_role("button", name="Ask").is_disabled()
     _screenshot(page, "inspect_bad_upload.png")

@@ -84,9 +84,12 @@ def test_write_model_card_measures_each_split_and_reports_progress(tmp_path):
     source = load_vqa_jsonl(SAMPLES.dataset("adversarial"))[:24]
     data_dir = tmp_path / "data"
     data_dir.mkdir()
+    (data_dir / "images").mkdir()
     lines = []
     for sample in source:
-        row = {"question_id": sample.sample_id, "image": str(sample.image_path), "text": sample.question, "label": sample.label}
+        shutil.copy(sample.image_path, data_dir / "images" / sample.image_path.name)
+        row = {"question_id": sample.sample_id, "image": f"images/{sample.image_path.name}", "text": sample.question,
+               "label": sample.label}
         lines.append(json.dumps(row))
     (data_dir / "tiny.jsonl").write_text("\n".join(lines) + "\n")
     calls = []
