@@ -12,6 +12,7 @@ thread's context, so concurrent calls never see each other's activations. Hooks 
 from __future__ import annotations
 
 import contextvars
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
@@ -124,7 +125,13 @@ def resolve_layers(n_layers: int, layers: Sequence[int] | None) -> list[int]:
     return resolved
 
 
+_EAGER_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def _check_eager(model: nn.Module) -> None:
+    """Refuse attention capture without eager attention; checked once per model (reading the configs costs ms)."""
+    if _EAGER_CHECKED.get(model):
+        return
     configs = [model.config, getattr(model.config, "get_text_config", lambda: model.config)()]
     impls = {getattr(c, "_attn_implementation", None) for c in configs}
     if not impls & {"eager"}:
@@ -132,6 +139,7 @@ def _check_eager(model: nn.Module) -> None:
             f"attention maps need eager attention, but the model runs {sorted(str(i) for i in impls)}; "
             "load it with attn_implementation='eager' (SDPA/FlashAttention return no weights)"
         )
+    _EAGER_CHECKED[model] = True
 
 
 @contextmanager

@@ -36,7 +36,8 @@ def image_statistics(image: Image.Image) -> dict[str, float]:
     }
 
 
-def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> pd.DataFrame:
+def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> list[dict]:
+    """One dict per sample; the shard's DataFrame is built once from all of them (a frame per batch cost ms each)."""
     rows = []
     for i, sample in enumerate(samples):
         label = normalize_answer(sample.label, "lenient")
@@ -62,24 +63,24 @@ def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image],
         row.update({name: float(values[i]) for name, values in record.output.items()})
         row.update(image_statistics(images[i]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _add_self_consistency(
-    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], frame: pd.DataFrame,
+    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], rows: list[dict],
     k: int, max_new_tokens: int, normalization: NormalizationMode,
-) -> pd.DataFrame:
+) -> list[dict]:
     from vlmrel_core.engine.self_consistency import sample_answers
     from vlmrel_core.signals.consistency import SelfConsistencyConfig
 
     config = SelfConsistencyConfig(k=k)
     results = [sample_answers(loaded, image, s.question, config, max_new_tokens, normalization) for s, image in zip(samples, images)]
-    frame = frame.copy()
-    frame["sc_agreement"] = [r.agreement for r in results]
-    frame["sc_majority"] = [r.majority_answer for r in results]
-    frame["sc_majority_correct"] = [int(is_correct(r.majority_answer, label)) for r, label in zip(results, frame["label"])]
-    frame["sc_k"] = k
-    return frame
+    for row, result in zip(rows, results):
+        row["sc_agreement"] = result.agreement
+        row["sc_majority"] = result.majority_answer
+        row["sc_majority_correct"] = int(is_correct(result.majority_answer, row["label"]))
+        row["sc_k"] = k
+    return rows
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -162,7 +163,7 @@ def extract(
         progress(completed, len(samples))
     for shard_start in range(0, len(todo), shard_size):
         shard_samples = todo[shard_start : shard_start + shard_size]
-        frames, tensor_parts = [], []
+        shard_rows, tensor_parts = [], []
         for start in range(0, len(shard_samples), batch_size):
             batch = shard_samples[start : start + batch_size]
             images = [s.load_image() for s in batch]
@@ -170,10 +171,10 @@ def extract(
                 loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
                 max_new_tokens=max_new_tokens, normalization=normalization,
             )
-            frame = _rows_for_batch(batch, images, record, dataset_root)
+            rows = _rows_for_batch(batch, images, record, dataset_root)
             if self_consistency_k:
-                frame = _add_self_consistency(loaded, batch, images, frame, self_consistency_k, max_new_tokens, normalization)
-            frames.append(frame)
+                rows = _add_self_consistency(loaded, batch, images, rows, self_consistency_k, max_new_tokens, normalization)
+            shard_rows.extend(rows)
             tensor_parts.append(_tensors_for_batch(record))
             completed += len(batch)
             if progress:
@@ -187,5 +188,5 @@ def extract(
             tensors[name] = np.concatenate(parts)
         # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
         # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
-        writer.write_shard(pd.concat(frames, ignore_index=True), tensors)
+        writer.write_shard(pd.DataFrame(shard_rows), tensors)
     return Path(out_dir)
