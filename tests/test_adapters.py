@@ -54,7 +54,7 @@ def test_demo_families_resolve_layers_tokens_and_answers(tiny_loaded, family, ad
         assert "token_type_ids" in inputs
 
 
-def test_llava_prompt_uses_its_chat_template(tiny_loaded):
+def test_pitfall_chat_template_last_prompt_position_llava(tiny_loaded):
     loaded = tiny_loaded["late_fusion"]
     prompt = loaded.adapter.format_prompt(loaded.processor, "is there a red circle in the image?")
     assert prompt == "USER: <image>\nis there a red circle in the image? ASSISTANT:"
@@ -62,7 +62,7 @@ def test_llava_prompt_uses_its_chat_template(tiny_loaded):
     assert loaded.tokenizer.convert_ids_to_tokens(ids[-3:].tolist()) == ["?", "assistant", ":"]
 
 
-def test_paligemma_prefix_is_bidirectional_only_with_token_type_ids(tiny_loaded):
+def test_pitfall_paligemma_prefix_is_bidirectional_only_with_token_type_ids(tiny_loaded):
     """With token_type_ids the first image token sees the question; without them attention is causal."""
     loaded = tiny_loaded["early_fusion"]
     image = render_scene(make_scene(1))

@@ -130,7 +130,7 @@ def test_load_processor_processes_images(loaded, model_dir):
     assert "pixel_values" in out and "pixel_attention_mask" in out
 
 
-def test_prompt_has_one_bos_and_ends_with_the_assistant_header(loaded):
+def test_pitfall_chat_template_prompt_has_one_bos_and_ends_with_the_assistant_header(loaded):
     inputs = loaded.adapter.prepare_inputs(loaded.processor, _images(), QUESTIONS)
     bos = loaded.tokenizer.bos_token_id
     for row, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
@@ -184,7 +184,7 @@ def test_run_batch_on_tiled_images_captures_states_without_a_grid(tiled):
 
 
 @pytest.mark.parametrize("splitting", [False, True], ids=["one_view", "tiled"])
-def test_batched_equals_single(loaded, splitting):
+def test_pitfall_batched_equals_single_with_left_padding(loaded, splitting):
     loaded.processor.image_processor.do_image_splitting = splitting
     try:
         batched = run_batch(loaded, _images(), QUESTIONS, max_new_tokens=2, logit_lens=False)

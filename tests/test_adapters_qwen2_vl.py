@@ -187,7 +187,7 @@ def test_load_processor_raises_when_no_image_processor_can_be_built(qwen_dir, tm
         Qwen2VLAdapter().load_processor(str(broken))
 
 
-def test_image_token_counts_follow_image_grid_thw_for_different_sizes(loaded):
+def test_pitfall_image_token_count_follows_image_grid_thw_never_a_fixed_count(loaded):
     adapter, processor = loaded.adapter, loaded.processor
     inputs = adapter.prepare_inputs(processor, _images(), QUESTIONS)
     grid_thw = inputs["image_grid_thw"]
@@ -208,7 +208,7 @@ def test_image_token_counts_follow_image_grid_thw_for_different_sizes(loaded):
         adapter.image_grid(loaded.model, inputs, 0, expected[0] + 1)
 
 
-def test_last_prompt_token_is_the_assistant_header_newline(loaded):
+def test_pitfall_chat_template_last_prompt_position_is_the_assistant_header_newline(loaded):
     inputs = loaded.adapter.prepare_inputs(loaded.processor, _images(), QUESTIONS)
     tokens = [loaded.tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     for row, mask in zip(tokens, inputs["attention_mask"]):
@@ -244,7 +244,7 @@ def test_run_batch_states_attentions_and_grids(loaded):
     assert record.lens_logodds.shape == (2, N_LAYERS)
 
 
-def test_batched_equals_single(loaded):
+def test_pitfall_batched_equals_single_with_left_padding(loaded):
     batched = run_batch(loaded, _images(), QUESTIONS, max_new_tokens=2, logit_lens=False)
     for i, (image, question) in enumerate(zip(_images(), QUESTIONS)):
         single = run_batch(loaded, [image], [question], max_new_tokens=2, logit_lens=False)
@@ -263,3 +263,21 @@ def test_unknown_model_type_lists_supported_ones():
     for model_type in ("llava", "paligemma", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"):
         assert model_type in supported_model_types()
         assert model_type in message
+
+
+def test_pitfall_mrope_states_equal_a_plain_forward_after_another_call(loaded):
+    """M-RoPE: calling the model as generate does (no hand-built position ids) and a stale rope_deltas from an
+    earlier call of another shape must not change the states: run_batch after a different batch equals a fresh
+    plain forward's output_hidden_states (layers before the last, which carries the final norm)."""
+    from vlmrel_core.engine.capture import TokenLayout
+
+    run_batch(loaded, [Image.new("RGB", (24, 40), "green")], ["is there a cat?"], max_new_tokens=2, logit_lens=False)
+    record = run_batch(loaded, _images(), QUESTIONS, max_new_tokens=2, logit_lens=False, poolings=("last_token",))
+    inputs = loaded.adapter.prepare_inputs(loaded.processor, _images(), QUESTIONS)
+    layout = TokenLayout.from_inputs(inputs["input_ids"], inputs["attention_mask"], loaded.adapter.image_token_id(loaded.model))
+    with torch.no_grad():
+        hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
+    rows = torch.arange(len(QUESTIONS))
+    for layer in range(N_LAYERS - 1):
+        np.testing.assert_allclose(record.states["last_token"][:, layer], hidden[layer + 1][rows, layout.last_index].float().numpy(),
+                                   atol=1e-5, rtol=1e-4)

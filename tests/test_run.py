@@ -8,7 +8,7 @@ QUESTIONS = ["is there a red circle in the image?", "what objects are in the ima
 
 
 @pytest.mark.parametrize("family", ["late_fusion", "early_fusion"])
-def test_batched_equals_single_with_left_padding(tiny_loaded, family):
+def test_pitfall_batched_equals_single_with_left_padding(tiny_loaded, family):
     loaded = tiny_loaded[family]
     images = [render_scene(make_scene(i)) for i in range(4)]
     batched = run_batch(loaded, images, QUESTIONS, attentions=True)
@@ -22,7 +22,7 @@ def test_batched_equals_single_with_left_padding(tiny_loaded, family):
 
 
 @pytest.mark.parametrize("family", ["late_fusion", "early_fusion"])
-def test_logit_lens_on_the_last_layer_reproduces_the_answer_logits(tiny_loaded, family):
+def test_pitfall_final_norm_applied_once_logit_lens_last_layer_reproduces_the_answer_logits(tiny_loaded, family):
     """The lens applies the final norm to every captured (pre-norm) layer, so its last layer equals the output."""
     loaded = tiny_loaded[family]
     record = run_batch(loaded, [render_scene(make_scene(i)) for i in range(3)], QUESTIONS[:3])

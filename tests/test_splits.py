@@ -8,6 +8,7 @@ from vlmrel_core.analysis.splits import (
     assert_group_disjoint,
     calibration_split,
     group_keys,
+    grouped_folds,
     holdout_indices,
     image_split,
     item_split,
@@ -103,3 +104,32 @@ def test_holdout_with_a_rare_class_still_splits_by_group():
     train, test = holdout_indices(y, groups, test_fraction=0.3, seed=0)
     assert set(groups[train]).isdisjoint(groups[test])
     assert len(train) + len(test) == 45 and 0 < len(test) < 45
+
+
+@pytest.mark.parametrize("grouping", ["image", "item"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_folds_never_leak_a_group_between_fit_and_validation(grouping, seed):
+    """The folds that pick C: no image (or asked object) appears on both sides of any fold, every row is validated
+    exactly once, and fit + validation cover all rows."""
+    rows = _rows(seed=seed)
+    groups = group_keys(rows, grouping)
+    y = rows["correct"].to_numpy()
+    folds = grouped_folds(y, groups, n_folds=5, seed=seed)
+    assert len(folds) == 5
+    validated = np.concatenate([va for _, va in folds])
+    assert np.array_equal(np.sort(validated), np.arange(len(rows)))
+    for fit, validation in folds:
+        assert not set(groups[fit]) & set(groups[validation]), f"a {grouping} group is on both sides"
+        assert len(fit) + len(validation) == len(rows)
+        assert len(set(y[validation])) == 2, "stratification keeps both classes in validation"
+
+
+def test_grouped_folds_reduce_k_to_the_number_of_groups_and_refuse_one_group():
+    rows = _rows(n_images=3, per_image=10)
+    groups = group_keys(rows, "image")
+    folds = grouped_folds(rows["correct"].to_numpy(), groups, n_folds=5, seed=0)
+    assert len(folds) == 3
+    for fit, validation in folds:
+        assert len(set(groups[validation])) == 1 and not set(groups[fit]) & set(groups[validation])
+    with pytest.raises(SplitError, match="at least 2 groups"):
+        grouped_folds(np.array([0, 1, 0, 1]), np.array(["a"] * 4), n_folds=5, seed=0)

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from vlmrel_core.engine.extract import extract
-from vlmrel_core.engine.store import CacheError, RunManifest, RunReader, RunWriter, read_manifest
+from vlmrel_core.engine.store import (
+    CacheError, RunInUseError, RunManifest, RunReader, RunWriter, ensure_run_dir_free, read_manifest, run_lock,
+)
 
 
 def _manifest(**overrides) -> RunManifest:
@@ -74,7 +76,25 @@ def test_damaged_files_are_clear_errors_not_crashes(tmp_path):
         read_manifest(tmp_path / "nowhere")
 
 
-def test_extract_resumes_after_a_kill_without_losing_or_duplicating_rows(tmp_path, tiny_model_dirs, tiny_dataset):
+def _count_prefill_questions(model):
+    """A forward pre-hook counting model calls and the questions of every prefill (the call that carries the whole
+    prompt; later generate steps carry one token)."""
+    counter = {"questions": 0, "calls": 0}
+
+    def hook(module, args, kwargs):
+        counter["calls"] += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            counter["questions"] += int(ids.shape[0])
+
+    return counter, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_extract_resumes_after_a_kill_equal_to_an_uninterrupted_run_without_recomputing(
+    tmp_path, tiny_model_dirs, tiny_loaded, tiny_dataset
+):
+    """SIGKILL mid-run, then resume: rows identical and states equal to an uninterrupted run (float tolerance), and
+    the resumed run feeds the model only the questions of unfinished shards (counted with a forward hook)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vlmrel_core.cli.main", "extract", "--model", str(tiny_model_dirs["late_fusion"]),
            "--data", str(tiny_dataset), "--out", str(out), "--batch-size", "4", "--shard-size", "4", "--threads", "1"]
@@ -88,11 +108,81 @@ def test_extract_resumes_after_a_kill_without_losing_or_duplicating_rows(tmp_pat
     proc.wait()
     finished_before = len(read_manifest(out).shards)
     assert 1 <= finished_before < 6, "the kill should land mid-run"
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    rows = RunReader(out).rows
-    assert len(rows) == 24 and rows["sample_id"].is_unique
-    assert set(rows["sample_id"]) == {str(i) for i in range(24)}
+    before = {name: (out / f"{name}.safetensors").read_bytes() for name in (s.name for s in read_manifest(out).shards)}
+
+    loaded = tiny_loaded["late_fusion"]
+    counter, handle = _count_prefill_questions(loaded.model)
+    try:
+        extract(loaded, tiny_dataset, out, batch_size=4, shard_size=4)  # the kill released the lock with the process
+    finally:
+        handle.remove()
+    assert counter["questions"] == 24 - 4 * finished_before, "finished shards must not be recomputed"
+    for name, data in before.items():
+        assert (out / f"{name}.safetensors").read_bytes() == data, f"{name} was rewritten"
+
+    fresh = extract(loaded, tiny_dataset, tmp_path / "fresh", batch_size=4, shard_size=4)
+    resumed, uninterrupted = RunReader(out), RunReader(fresh)
+    assert len(resumed.rows) == 24 and resumed.rows["sample_id"].is_unique
+    pd.testing.assert_frame_equal(resumed.rows, uninterrupted.rows, check_exact=False, rtol=1e-4, atol=1e-6)
+    for pooling in resumed.manifest.poolings:
+        np.testing.assert_allclose(resumed.states(pooling), uninterrupted.states(pooling), atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(resumed.tensor("attention_image"), uninterrupted.tensor("attention_image"), atol=1e-5)
+    np.testing.assert_allclose(resumed.tensor("lens_logodds"), uninterrupted.tensor("lens_logodds"), atol=1e-4)
+
+
+def _snapshot(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_a_second_extraction_into_a_locked_folder_fails_at_once_and_changes_nothing(tmp_path, tiny_loaded, tiny_dataset):
+    """Two writers in one folder: the second is refused before it reads or writes anything, naming the holder."""
+    out = tmp_path / "run"
+    loaded = tiny_loaded["late_fusion"]
+    extract(loaded, tiny_dataset, out, batch_size=4, shard_size=4, limit=4)
+    with run_lock(out):
+        snapshot = _snapshot(out)
+        counter, handle = _count_prefill_questions(loaded.model)
+        try:
+            started = time.time()
+            with pytest.raises(RunInUseError, match=f"in use by process {os.getpid()} since 20"):
+                extract(loaded, tiny_dataset, out, batch_size=4, shard_size=4, limit=4)
+        finally:
+            handle.remove()
+        assert time.time() - started < 5 and counter["calls"] == 0
+        with pytest.raises(RunInUseError, match="in use by process"):
+            ensure_run_dir_free(out)
+        assert _snapshot(out) == snapshot
+    ensure_run_dir_free(out)  # released when the holder's block ends
+    extract(loaded, tiny_dataset, out, batch_size=4, shard_size=4, limit=4)
+    assert len(RunReader(out).rows) == 4
+    assert not (out / ".lock").exists(), "a finished extraction leaves no lock file"
+
+
+def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
+    """flock dies with the process: a SIGKILLed holder leaves no stale lock."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vlmrel_core.engine.store import run_lock\n"
+         "with run_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunInUseError, match=f"in use by process {holder.pid}"):
+        ensure_run_dir_free(out)
+    holder.kill()
+    holder.wait()
+    ensure_run_dir_free(out)
+    with run_lock(out):
+        assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+
+
+def test_pitfall_answer_token_set_and_attention_implementation_are_recorded_in_the_manifest(tmp_path, tiny_loaded, tiny_dataset):
+    """The yes/no token set is fixed per adapter and recorded; eager attention (for maps) is said in the manifest."""
+    loaded = tiny_loaded["early_fusion"]
+    manifest = RunReader(extract(loaded, tiny_dataset, tmp_path / "r", batch_size=4, shard_size=4, limit=4)).manifest
+    assert manifest.answer_tokens == loaded.adapter.answer_tokens(loaded.tokenizer).to_dict()
+    assert loaded.tokenizer.convert_ids_to_tokens(manifest.answer_tokens["yes_ids"]) == ["yes"]
+    assert manifest.attentions and manifest.attn_implementation == "eager"
 
 
 def test_extract_in_process_matches_dataset(tmp_path, tiny_loaded, tiny_dataset):

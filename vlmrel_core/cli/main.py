@@ -22,36 +22,40 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from vlmrel_core.engine.inputs import check_dataset, require_out_dir
+    from vlmrel_core.engine.loading import resolve_model_source
+    from vlmrel_core.engine.store import ensure_run_dir_free
+
+    # every input is checked before the model loads: a typo costs milliseconds, not a model load
+    if args.shard_size < args.batch_size or args.shard_size % args.batch_size:
+        raise ValueError(f"--shard-size ({args.shard_size}) must be a multiple of --batch-size ({args.batch_size})")
+    check_dataset(args.data, args.image_root)
+    require_out_dir(args.out)
+    ensure_run_dir_free(args.out)
+    resolve_model_source(args.model)
+
     import torch
-    from tqdm import tqdm
 
     from vlmrel_core.engine.extract import extract
     from vlmrel_core.engine.loading import load_vlm
+    from vlmrel_core.progress import tqdm_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_vlm(args.model, device=args.device, dtype=args.dtype,
                       attn_implementation="eager" if args.attentions else args.attn_implementation,
                       device_map=args.device_map)
-    bar = tqdm(unit="q", desc=f"extract {Path(args.data).name}", dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     try:
-        run_dir = extract(
-            loaded, args.data, args.out, image_root=args.image_root, layers=_parse_layers(args.layers),
-            poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
-            shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
-            limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
-        )
+        with tqdm_progress(f"extract {Path(args.data).name}", unit="q") as progress:
+            run_dir = extract(
+                loaded, args.data, args.out, image_root=args.image_root, layers=_parse_layers(args.layers),
+                poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
+                shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
+                limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
+            )
     except KeyboardInterrupt:
-        bar.close()
         print(f"interrupted: finished shards are kept in {args.out}; run the same command again to resume", file=sys.stderr)
         return 130
-    bar.close()
     from vlmrel_core.engine.store import RunReader
 
     rows = RunReader(run_dir).rows
@@ -61,11 +65,19 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from vlmrel_core.data.shapes import write_split
+    from vlmrel_core.engine.inputs import require_out_dir
 
-    for split in args.splits.split(","):
-        path = write_split(args.out, split, args.n_images, first_image_id=args.first_image_id,
-                           question_types=tuple(args.question_types.split(",")), file_name=args.file_name)
-        print(path)
+    from vlmrel_core.progress import tqdm_progress
+
+    require_out_dir(args.out)
+    splits = args.splits.split(",")
+    with tqdm_progress("generate-data", unit="split") as progress:  # 500 images per split take seconds each
+        for index, split in enumerate(splits):
+            progress(index, len(splits), split)
+            path = write_split(args.out, split, args.n_images, first_image_id=args.first_image_id,
+                               question_types=tuple(args.question_types.split(",")), file_name=args.file_name)
+            progress(index + 1, len(splits), split)
+            print(path)
     return 0
 
 
@@ -85,7 +97,14 @@ def _cmd_train_demo_models(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
     from vlmrel_core.demo_models.pipeline import write_model_card
+    from vlmrel_core.engine.inputs import require_dir
+    from vlmrel_core.engine.loading import resolve_model_source
 
+    require_dir(args.data, "dataset folder")
+    if not any(Path(args.data).glob("*.jsonl")):
+        raise ValueError(f"dataset folder {args.data} holds no .jsonl files")
+    for family in args.families.split(","):
+        resolve_model_source(Path(args.models) / family)
     for family in args.families.split(","):
         card = write_model_card(Path(args.models) / family, args.data)
         print(json.dumps(card["accuracy"]))
@@ -93,17 +112,23 @@ def _cmd_evaluate_demo_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
-    from vlmrel_core.samples.refresh import refresh_sample_data
+    from vlmrel_core.progress import tqdm_progress
+    from vlmrel_core.samples.refresh import check_sample_root, refresh_sample_data
 
-    refresh_sample_data(args.root, families=args.families.split(","), self_consistency_k=args.self_consistency_k,
-                        parallel=not args.sequential, threads=args.threads)
+    families = args.families.split(",")
+    check_sample_root(args.root, families)
+    with tqdm_progress("refresh-sample-data", unit="step") as progress:
+        refresh_sample_data(args.root, families=families, self_consistency_k=args.self_consistency_k,
+                            parallel=not args.sequential, threads=args.threads, progress=progress,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from vlmrel_core.engine.inputs import require_run_dir
     from vlmrel_core.engine.store import RunReader
 
-    reader = RunReader(args.run_dir)
+    reader = RunReader(require_run_dir(args.run_dir))
     rows = reader.rows
     summary = reader.manifest.model_dump(exclude={"shards", "answer_tokens"})
     summary["n_rows"] = len(rows)

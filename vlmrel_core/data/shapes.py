@@ -17,6 +17,8 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vlmrel_core.io import atomic_write_text
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -268,15 +270,14 @@ def write_split(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl_path = out / (file_name or f"{split}.jsonl")
-    tmp_path = jsonl_path.with_suffix(".jsonl.tmp")
     written_images: set[int] = set()
-    with tmp_path.open("w") as handle:
-        for scene, question in iter_split_questions(split, n_images, first_image_id, question_types, config):
-            if scene.image_id not in written_images:
-                image_path = out / question.image
-                if not image_path.exists():
-                    render_scene(scene, config).save(image_path)
-                written_images.add(scene.image_id)
-            handle.write(json.dumps(asdict(question)) + "\n")
-    tmp_path.replace(jsonl_path)
+    lines = []
+    for scene, question in iter_split_questions(split, n_images, first_image_id, question_types, config):
+        if scene.image_id not in written_images:
+            image_path = out / question.image
+            if not image_path.exists():
+                render_scene(scene, config).save(image_path)
+            written_images.add(scene.image_id)
+        lines.append(json.dumps(asdict(question)) + "\n")
+    atomic_write_text(jsonl_path, "".join(lines))
     return jsonl_path

@@ -7,7 +7,7 @@ pass happens once; the cache resumes after an interruption and records exactly w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,8 @@ from vlmrel_core.engine.capture import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.run import BatchRecord, run_batch
-from vlmrel_core.engine.store import RunManifest, RunWriter
+from vlmrel_core.engine.store import RunManifest, RunWriter, ensure_run_dir_free, run_lock
+from vlmrel_core.progress import Progress, report
 
 
 def image_statistics(image: Image.Image) -> dict[str, float]:
@@ -117,16 +118,18 @@ def extract(
     max_new_tokens: int = 8,
     normalization: NormalizationMode = "lenient",
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     self_consistency_k: int = 0,
 ) -> Path:
     """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
 
     ``self_consistency_k`` > 0 also draws K sampled answers per question (T=0.7, top-p 0.9, seeded) and stores
     their agreement: the behavioural baseline, at K extra sampled sequences per question.
+    The run folder is locked for the whole call: a second extraction into it fails at once (`RunInUseError`).
     """
     if shard_size < batch_size or shard_size % batch_size:
         raise ValueError("shard_size must be a multiple of batch_size")
+    ensure_run_dir_free(out_dir)  # before hashing the dataset (reads every image): a busy folder answers at once
     samples = load_vqa_jsonl(data_path, image_root)
     if limit is not None:
         samples = samples[:limit]
@@ -153,40 +156,39 @@ def extract(
         self_consistency_k=self_consistency_k,
         vlmrel_version=__version__,
     )
-    writer = RunWriter(out_dir, manifest)
-    done = writer.done_ids()
-    todo = [s for s in samples if s.sample_id not in done]
-    dataset_root = Path(image_root) if image_root is not None else Path(data_path).parent
-    dataset_root = dataset_root.resolve()
-    completed = len(samples) - len(todo)
-    if progress:
-        progress(completed, len(samples))
-    for shard_start in range(0, len(todo), shard_size):
-        shard_samples = todo[shard_start : shard_start + shard_size]
-        shard_rows, tensor_parts = [], []
-        for start in range(0, len(shard_samples), batch_size):
-            batch = shard_samples[start : start + batch_size]
-            images = [s.load_image() for s in batch]
-            record = run_batch(
-                loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
-                max_new_tokens=max_new_tokens, normalization=normalization,
-            )
-            rows = _rows_for_batch(batch, images, record, dataset_root)
-            if self_consistency_k:
-                rows = _add_self_consistency(loaded, batch, images, rows, self_consistency_k, max_new_tokens, normalization)
-            shard_rows.extend(rows)
-            tensor_parts.append(_tensors_for_batch(record))
-            completed += len(batch)
-            if progress:
-                progress(completed, len(samples))
-        tensors = {}
-        for name in tensor_parts[0]:
-            parts = [p[name] for p in tensor_parts]
-            if name == "attention_image":
-                width = max(p.shape[2] for p in parts)
-                parts = [np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[2]))) for p in parts]
-            tensors[name] = np.concatenate(parts)
-        # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
-        # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
-        writer.write_shard(pd.DataFrame(shard_rows), tensors)
+    with run_lock(out_dir):
+        writer = RunWriter(out_dir, manifest)
+        done = writer.done_ids()
+        todo = [s for s in samples if s.sample_id not in done]
+        dataset_root = Path(image_root) if image_root is not None else Path(data_path).parent
+        dataset_root = dataset_root.resolve()
+        completed = len(samples) - len(todo)
+        report(progress, completed, len(samples), "questions")
+        for shard_start in range(0, len(todo), shard_size):
+            shard_samples = todo[shard_start : shard_start + shard_size]
+            shard_rows, tensor_parts = [], []
+            for start in range(0, len(shard_samples), batch_size):
+                batch = shard_samples[start : start + batch_size]
+                images = [s.load_image() for s in batch]
+                record = run_batch(
+                    loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
+                    max_new_tokens=max_new_tokens, normalization=normalization,
+                )
+                rows = _rows_for_batch(batch, images, record, dataset_root)
+                if self_consistency_k:
+                    rows = _add_self_consistency(loaded, batch, images, rows, self_consistency_k, max_new_tokens, normalization)
+                shard_rows.extend(rows)
+                tensor_parts.append(_tensors_for_batch(record))
+                completed += len(batch)
+                report(progress, completed, len(samples), f"shard {len(writer.manifest.shards) + 1}")
+            tensors = {}
+            for name in tensor_parts[0]:
+                parts = [p[name] for p in tensor_parts]
+                if name == "attention_image":
+                    width = max(p.shape[2] for p in parts)
+                    parts = [np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[2]))) for p in parts]
+                tensors[name] = np.concatenate(parts)
+            # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
+            # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
+            writer.write_shard(pd.DataFrame(shard_rows), tensors)
     return Path(out_dir)

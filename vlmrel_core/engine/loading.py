@@ -86,6 +86,42 @@ def resolve_dtype(dtype: DtypeName, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def hf_cache_dir() -> Path:
+    """The HF hub cache this process reads (honours HF_HOME / HF_HUB_CACHE)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_model_source(source: str | Path) -> Path:
+    """The local folder to load ``source`` from: the folder itself, or the cached snapshot of an HF id.
+
+    Why before loading: an unknown path otherwise costs ~25 s of hub retries (offline) before a confusing error;
+    this answers at once, offline, and names both places that were looked in.
+    """
+    text = str(source)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"model folder {folder} holds no config.json; is it a transformers checkpoint?")
+        return folder
+    if folder.exists():
+        raise ModelLoadError(f"model path {folder} is a file; expected a model folder or an HF id")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(repo_id=text, filename="config.json")
+    except HFValidationError:
+        cached = None  # not even a valid repo id (e.g. a path): only the local-folder reading applies
+    if isinstance(cached, str):
+        return Path(cached).parent
+    raise ModelLoadError(
+        f"model {text!r} not found: no local folder {folder.resolve()}, and not in the HF cache at {hf_cache_dir()} "
+        "(nothing is downloaded; fetch it first with `huggingface-cli download`)"
+    )
+
+
 def load_vlm(
     source: str | Path,
     device: str = "cpu",
@@ -95,30 +131,32 @@ def load_vlm(
 ) -> LoadedVLM:
     """Load model + processor + adapter from a local directory or an HF id already in the local cache.
 
-    `attn_implementation="eager"` is the default because attention maps need it; pass "sdpa" for speed when no
-    attention is asked for (recorded in every run manifest). `device_map="auto"` shards a large model with accelerate.
+    Never touches the network: an id is resolved to its cached snapshot folder first (`resolve_model_source`) and
+    every file is read with ``local_files_only=True``. `attn_implementation="eager"` is the default because
+    attention maps need it; pass "sdpa" for speed when no attention is asked for (recorded in every run manifest).
+    `device_map="auto"` shards a large model with accelerate.
     """
+    source = str(source)
+    folder = resolve_model_source(source)  # before importing transformers: a bad path answers in milliseconds
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    source = str(source)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
-        hint = "" if Path(source).exists() else " (not a local directory; is it in the HF cache? no hub is reachable offline)"
-        raise ModelLoadError(f"cannot read a model config from {source!r}{hint}: {err}") from err
+        raise ModelLoadError(f"cannot read the model config in {folder}: {err}") from err
     adapter = adapter_for_model_type(config.model_type)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "local_files_only": True}
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load model weights from {source!r}: {err}") from err
+        raise ModelLoadError(f"cannot load model weights from {folder}: {err}") from err
     if not device_map:
         model = model.to(device)
     model.eval()
-    processor = adapter.load_processor(source)
+    processor = adapter.load_processor(str(folder))
     return LoadedVLM(
         model=model,
         processor=processor,

@@ -8,7 +8,10 @@ to open.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -17,7 +20,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
+from vlmrel_core.io import atomic_write_text
+
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 SCHEMA_VERSION = 1
 
 
@@ -64,13 +70,73 @@ class RunManifest(BaseModel):
         return self.model_dump(exclude={"shards", "vlmrel_version", "dataset_path", "model_source"})
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+class RunInUseError(CacheError):
+    """Another process is writing to the same run folder."""
+
+
+def _lock_holder(lock_path: Path) -> str:
+    try:
+        pid, _, since = lock_path.read_text().strip().partition(" ")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since)))
+    except (OSError, ValueError):  # removed or being written at this instant
+        return "another process"
+    return f"process {pid} since {stamp}"
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` (its ``.lock`` file) for the whole block, or fail at once.
+
+    Why flock: two extractions into one folder would interleave shards and manifests; the kernel drops the lock
+    when the holder exits or is killed, so a crash never leaves a stale lock behind. A refused caller changes
+    nothing in the folder; a finished holder removes the lock file.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(
+                f"{run_dir} is in use by {_lock_holder(lock_path)} (another extraction writes there); "
+                "wait for it to finish or choose another --out folder"
+            ) from None
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
+        os.fsync(fd)
+        yield run_dir
+    finally:
+        # removed while still held (a finished run folder holds no lock file); a killed holder leaves it, unlocked
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def ensure_run_dir_free(run_dir: str | Path) -> None:
+    """Fail at once if another process holds ``run_dir``'s lock (checked before a model loads); changes nothing."""
+    lock_path = Path(run_dir) / LOCK
+    if not lock_path.is_file():
+        return
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunInUseError(
+            f"{Path(run_dir)} is in use by {_lock_holder(lock_path)} (another extraction writes there); "
+            "wait for it to finish or choose another --out folder"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def read_manifest(run_dir: str | Path) -> RunManifest:
@@ -101,15 +167,17 @@ class RunWriter:
             manifest = existing
         self.manifest = manifest
         self._remove_orphans()
-        _atomic_write_text(path, self.manifest.model_dump_json(indent=1))
+        atomic_write_text(path, self.manifest.model_dump_json(indent=1))
 
     def _remove_orphans(self) -> None:
         """Files of a shard that was being written when the process died: not in the manifest, so redo them."""
         known = {s.name for s in self.manifest.shards}
         for file in self.run_dir.glob("shard-*"):
             stem = file.name.split(".")[0]
-            if stem not in known:
+            if stem not in known or file.name.endswith(".tmp"):
                 file.unlink()
+        for file in self.run_dir.glob(f"{MANIFEST}.*.tmp"):  # a manifest write cut off by a kill
+            file.unlink()
 
     def done_ids(self) -> set[str]:
         done: set[str] = set()
@@ -124,14 +192,14 @@ class RunWriter:
             if array.shape[0] != len(rows):
                 raise ValueError(f"tensor {name} has {array.shape[0]} rows, the shard has {len(rows)}")
         name = f"shard-{len(self.manifest.shards):05d}"
-        tmp_parquet = self.run_dir / f"{name}.parquet.tmp"
-        tmp_tensors = self.run_dir / f"{name}.safetensors.tmp"
+        tmp_parquet = self.run_dir / f"{name}.parquet.{os.getpid()}.tmp"
+        tmp_tensors = self.run_dir / f"{name}.safetensors.{os.getpid()}.tmp"
         rows.reset_index(drop=True).to_parquet(tmp_parquet, index=False)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_tensors))
         os.replace(tmp_parquet, self.run_dir / f"{name}.parquet")
         os.replace(tmp_tensors, self.run_dir / f"{name}.safetensors")
         self.manifest.shards.append(ShardInfo(name=name, n_rows=len(rows)))
-        _atomic_write_text(self.run_dir / MANIFEST, self.manifest.model_dump_json(indent=1))
+        atomic_write_text(self.run_dir / MANIFEST, self.manifest.model_dump_json(indent=1))
 
 
 class RunReader:

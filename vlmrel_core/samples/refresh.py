@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from vlmrel_core.io import write_json
+from vlmrel_core.progress import Progress, report
+
 FAMILIES: tuple[str, ...] = ("late_fusion", "early_fusion")
 POPE_RUNS: tuple[str, ...] = ("adversarial", "random", "popular")
 DRIFT_IMAGES = 200
@@ -62,11 +65,52 @@ def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
     return written
 
 
+FAMILY_STAGES: tuple[str, ...] = (
+    "model card", *(f"extract {name}" for name in POPE_RUNS + ("open_questions",)), "extract self-consistency",
+    "extract drift runs", "report", "gate bundle, drift checks and live run",
+)
+STAGE_UNITS = 100  # bar units per stage, so an extraction's questions move the bar inside its stage
+
+
+def _stage(progress: Progress | None, index: int, family: str, stage: str) -> Progress | None:
+    """Report the start of stage ``index`` of a family and return a sub-bar for the work inside it."""
+    report(progress, index * STAGE_UNITS, len(FAMILY_STAGES) * STAGE_UNITS, f"[{family}] {stage}")
+    if progress is None:
+        return None
+
+    def sub(done: int, total: int, detail: str = "") -> None:
+        fraction = done / total if total else 1.0
+        progress(index * STAGE_UNITS + int(fraction * (STAGE_UNITS - 1)), len(FAMILY_STAGES) * STAGE_UNITS,
+                 f"[{family}] {stage} {done}/{total}")
+
+    return sub
+
+
+def check_sample_root(root: str | Path, families: Sequence[str] = FAMILIES) -> Path:
+    """Every input a refresh reads, checked before any model loads (the embedded models and the POPE splits)."""
+    from vlmrel_core.engine.inputs import require_dir, require_file
+    from vlmrel_core.engine.loading import resolve_model_source
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown demo families {unknown}; expected some of {FAMILIES}")
+    root = require_dir(root, "sample data folder")
+    for name in POPE_RUNS + ("open_questions",):
+        require_file(root / "shapes_pope" / f"{name}.jsonl", "POPE split")
+    for family in families:
+        resolve_model_source(root / "models" / family)
+    return root
+
+
 def refresh_family(
     root: str | Path, family: str, drift_data: dict[str, Path], self_consistency_k: int = 10,
     self_consistency_rows: int = 600, threads: int | None = None, log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """One embedded model: model card, extraction caches, report, gate bundle, drift checks and a live gate run."""
+    """One embedded model: model card, extraction caches, report, gate bundle, drift checks and a live gate run.
+
+    ``progress`` runs over `FAMILY_STAGES` (STAGE_UNITS each); extractions move it question by question.
+    """
     from vlmrel_core.demo_models.pipeline import write_model_card
     from vlmrel_core.engine.extract import extract
     from vlmrel_core.gate.drift_runs import drift_between_runs
@@ -82,34 +126,42 @@ def refresh_family(
     root = Path(root)
     data_dir = root / "shapes_pope"
     model_dir = root / "models" / family
+    stage = iter(range(len(FAMILY_STAGES)))
+    _stage(progress, next(stage), family, "model card")
     card = write_model_card(model_dir, data_dir)
     log(f"[{family}] model card: {card['accuracy']}")
     loaded = load_vlm(model_dir, attn_implementation="eager")
     runs_dir = root / "runs" / family
     run_dirs: dict[str, Path] = {}
     for name in POPE_RUNS + ("open_questions",):
+        sub = _stage(progress, next(stage), family, f"extract {name}")
         out = runs_dir / name
         shutil.rmtree(out, ignore_errors=True)
-        run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512)
+        run_dirs[name] = extract(loaded, data_dir / f"{name}.jsonl", out, batch_size=32, shard_size=512, progress=sub)
         log(f"[{family}] extracted {name}")
+    sub = _stage(progress, next(stage), family, "extract self-consistency")
     sc_out = runs_dir / "adversarial_self_consistency"
     shutil.rmtree(sc_out, ignore_errors=True)
     run_dirs["adversarial_self_consistency"] = extract(
         loaded, data_dir / "adversarial.jsonl", sc_out, batch_size=32, shard_size=160, attentions=False,
-        limit=self_consistency_rows, self_consistency_k=self_consistency_k,
+        limit=self_consistency_rows, self_consistency_k=self_consistency_k, progress=sub,
     )
-    for name, path in drift_data.items():
+    sub = _stage(progress, next(stage), family, "extract drift runs")
+    for i, (name, path) in enumerate(drift_data.items()):
         out = runs_dir / f"drift_{name}"
         shutil.rmtree(out, ignore_errors=True)
         run_dirs[f"drift_{name}"] = extract(loaded, path, out, batch_size=32, shard_size=512, attentions=False)
+        report(sub, i + 1, len(drift_data))
     log(f"[{family}] extracted self-consistency and drift runs")
 
+    _stage(progress, next(stage), family, "report")
     report_dir = root / "reports" / family
     shutil.rmtree(report_dir, ignore_errors=True)
-    report = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
-    write_report(report, report_dir)
+    report_ = build_report([run_dirs[n] for n in POPE_RUNS] + [run_dirs["adversarial_self_consistency"]])
+    write_report(report_, report_dir)
     log(f"[{family}] report written")
 
+    _stage(progress, next(stage), family, "gate bundle, drift checks and live run")
     gate_dir = root / "gates" / family
     shutil.rmtree(gate_dir, ignore_errors=True)
     build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
@@ -123,12 +175,61 @@ def refresh_family(
     live = _live_gate_run(components.gate(loaded), drift_data["in_domain"])
     write_json(gate_dir / "live_run.json", live)
     log(f"[{family}] gate bundle and drift checks written")
+    report(progress, len(FAMILY_STAGES) * STAGE_UNITS, len(FAMILY_STAGES) * STAGE_UNITS, f"[{family}] done")
     return json.loads(json.dumps({"accuracy": card["accuracy"], "gate": build.report, "drift": drift, "live": live}, default=str))
 
 
-def _refresh_family_in_worker(root: str, family: str, drift_data: dict[str, Path], k: int, rows: int, threads: int | None) -> dict[str, Any]:
-    """A spawn worker: logs flushed line by line so both families' progress interleaves readably."""
-    return refresh_family(root, family, drift_data, k, rows, threads, log=lambda line: print(line, flush=True))
+def _refresh_family_in_worker(
+    root: str, family: str, drift_data: dict[str, Path], k: int, rows: int, threads: int | None, events: Any
+) -> dict[str, Any]:
+    """A spawn worker: log lines and progress go to the parent through ``events`` (a manager queue)."""
+
+    def progress(done: int, total: int, stage: str = "") -> None:
+        events.put(("progress", family, done, total, stage))
+
+    return refresh_family(root, family, drift_data, k, rows, threads,
+                          log=lambda line: events.put(("log", family, line)), progress=progress)
+
+
+class _CombinedProgress:
+    """Several families' bars (each 0..total) summed onto one parent bar with a fixed start offset."""
+
+    def __init__(self, progress: Progress | None, families: Sequence[str], offset: int, grand_total: int):
+        self.progress, self.offset, self.grand_total = progress, offset, grand_total
+        self.done = {family: 0 for family in families}
+
+    def update(self, family: str, done: int, total: int, stage: str = "") -> None:
+        self.done[family] = int(done * len(FAMILY_STAGES) * STAGE_UNITS / total) if total else 0
+        report(self.progress, self.offset + sum(self.done.values()), self.grand_total, stage)
+
+    def for_family(self, family: str) -> Progress:
+        return lambda done, total, stage="": self.update(family, done, total, stage)
+
+
+def _refresh_in_parallel(
+    root: Path, families: Sequence[str], drift_data: dict[str, Path], k: int, rows: int, threads: int | None,
+    combined: _CombinedProgress, log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+    import queue
+
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, context.Pool(len(families)) as pool:
+        events = manager.Queue()
+        pending = pool.starmap_async(_refresh_family_in_worker, [
+            (str(root), family, drift_data, k, rows, threads, events) for family in families])
+        while True:
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                if pending.ready():
+                    break
+                continue
+            if event[0] == "progress":
+                combined.update(*event[1:])
+            else:
+                log(event[2])
+        return pending.get()
 
 
 def refresh_sample_data(
@@ -140,34 +241,39 @@ def refresh_sample_data(
     parallel: bool = False,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every family's bundle (one process per family when ``parallel``), then the cross-family ablation tables.
 
     The ablation tables compare late and early fusion side by side, so they are written only after both families'
-    probes come from this refresh; refreshing one family alone leaves them as they were and says so.
+    probes come from this refresh; refreshing one family alone leaves them as they were and says so. ``progress``
+    runs over every stage of every family (a refresh takes minutes), with the stage's name.
     """
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown demo families {unknown}; expected some of {FAMILIES}")
-    root = Path(root)
+    root = check_sample_root(root, families)
+    both = set(families) == set(FAMILIES)
+    family_units = len(FAMILY_STAGES) * STAGE_UNITS
+    grand_total = STAGE_UNITS + len(families) * family_units + (STAGE_UNITS if both else 0)
+    report(progress, 0, grand_total, "drift data")
     drift_data = write_drift_data(root, drift_images)
+    combined = _CombinedProgress(progress, families, STAGE_UNITS, grand_total)
+    report(progress, STAGE_UNITS, grand_total, "drift data written")
     if parallel and len(families) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(len(families)) as pool:
-            results = pool.starmap(_refresh_family_in_worker, [
-                (str(root), family, drift_data, self_consistency_k, self_consistency_rows, threads) for family in families])
+        results = _refresh_in_parallel(root, families, drift_data, self_consistency_k, self_consistency_rows, threads,
+                                       combined, log)
         summary = dict(zip(families, results))
     else:
-        summary = {family: refresh_family(root, family, drift_data, self_consistency_k, self_consistency_rows, threads, log)
+        summary = {family: refresh_family(root, family, drift_data, self_consistency_k, self_consistency_rows, threads,
+                                          log, progress=combined.for_family(family))
                    for family in families}
     summary_path = root / "refresh_summary.json"  # merged, so one family can be refreshed on its own
     merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     merged.update(summary)
-    summary_path.write_text(json.dumps(merged, indent=1))
-    if set(families) == set(FAMILIES):
+    write_json(summary_path, merged)
+    if both:
+        report(progress, grand_total - STAGE_UNITS, grand_total, "ablation tables")
         write_ablation_tables(root)
         log("ablation tables written (late vs early fusion)")
     else:
         log("ablation tables left as they were: they compare both families, refresh both to rewrite them")
+    report(progress, grand_total, grand_total, "done")
     return summary
