@@ -65,3 +65,82 @@ def test_near_zero_temperature_agrees_with_the_greedy_answer(tiny_loaded, family
 def test_empty_question_is_refused(tiny_loaded):
     with pytest.raises(ValueError, match="question is empty"):
         sample_answers(tiny_loaded["late_fusion"], render_scene(make_scene(0)), "  ")
+
+
+@pytest.mark.parametrize("family", ["late_fusion", "early_fusion"])
+def test_prompt_is_prefilled_once_and_decoded_for_k_rows(tiny_loaded, family):
+    """The K samples share one prefill of ONE row (vision tower included); only decode steps carry K rows."""
+    loaded = tiny_loaded[family]
+    calls: list[tuple[int, int]] = []
+    vision_rows: list[int] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
+        calls.append((int(shape[0]), int(shape[1])))
+
+    def record_vision(module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        vision_rows.append(int(pixels.shape[0]))
+
+    handles = [loaded.model.register_forward_pre_hook(record, with_kwargs=True),
+               loaded.model.model.vision_tower.register_forward_pre_hook(record_vision, with_kwargs=True)]
+    try:
+        result = sample_answers(loaded, render_scene(make_scene(5)), QUESTION, SelfConsistencyConfig(k=6), max_new_tokens=4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert vision_rows == [1]  # the image is encoded once, not K times
+    assert calls[0][0] == 1 and calls[0][1] > 1  # one row: the whole prompt
+    assert all(rows == 6 and length == 1 for rows, length in calls[1:])  # then K rows, one new token each
+    assert result.n_forward_calls == len(calls) <= 4  # prefill + at most max_new_tokens - 1 decode steps
+
+
+def test_first_token_distribution_is_the_one_generate_samples_from(tiny_loaded):
+    """Same distribution as `generate(do_sample=True, num_return_sequences=K)`: its own processed scores, and
+    the empirical frequency of K seeded first tokens within binomial error of them."""
+    from vlmrel_core.engine.self_consistency import _first_token_probs, _prepare
+
+    loaded = tiny_loaded["late_fusion"]
+    image = render_scene(make_scene(6))
+    config = SelfConsistencyConfig(k=3000, temperature=2.0, top_p=0.95, seed=3)
+    inputs = _prepare(loaded, image, QUESTION)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        reference = loaded.model.generate(**inputs, do_sample=True, temperature=2.0, top_p=0.95, top_k=0, max_new_tokens=1,
+                                          output_scores=True, output_logits=True, return_dict_in_generate=True,
+                                          pad_token_id=loaded.tokenizer.pad_token_id)
+    expected = torch.softmax(reference.scores[0][0].float(), dim=-1)
+    torch.testing.assert_close(_first_token_probs(reference.logits[0], config)[0], expected)
+    assert (expected > 0.01).sum() >= 3  # a spread distribution, so the frequency check means something
+    result = sample_answers(loaded, image, QUESTION, config, max_new_tokens=1)
+    ids = loaded.tokenizer(result.samples_text, add_special_tokens=False)["input_ids"]
+    counts = torch.zeros_like(expected)
+    for row in ids:
+        if row:
+            counts[row[0]] += 1
+    n = float(counts.sum())
+    assert n > 0.9 * config.k  # (special tokens decode to nothing and are left out of the count)
+    observed = counts / n
+    mask = expected > 0.02
+    sigma = torch.sqrt(expected[mask] * (1 - expected[mask]) / n)
+    assert torch.all((observed[mask] - expected[mask] / expected[mask].sum() * observed[mask].sum()).abs() < 5 * sigma + 0.01)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "idefics3"])
+def test_shared_prefill_decodes_like_generate_for_dynamic_resolution_families(model_type, tmp_path):
+    """M-RoPE deltas (Qwen2-VL) and image tiles (Idefics3) survive the repeated cache: T -> 0 gives greedy."""
+    from PIL import Image
+
+    from conftest import save_checkpoint
+    from vlmrel_core.engine.loading import load_vlm
+
+    if model_type == "qwen2_vl":
+        from test_adapters_qwen2_vl import build_tiny_qwen as build
+    else:
+        from test_adapters_idefics3 import build_tiny_idefics3 as build
+    loaded = load_vlm(save_checkpoint(*build(model_type), tmp_path / model_type))
+    image = Image.new("RGB", (48, 24), "red")
+    greedy = run_batch(loaded, [image], [QUESTION], layers=[0], poolings=["last_token"], logit_lens=False, max_new_tokens=4)
+    result = sample_answers(loaded, image, QUESTION, SelfConsistencyConfig(k=3, temperature=1e-4, top_p=1.0), max_new_tokens=4)
+    assert result.samples_text == [greedy.answer_text[0]] * 3

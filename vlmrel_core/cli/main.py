@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +39,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     require_out_dir(args.out)
     ensure_run_dir_free(args.out)
     resolve_model_source(args.model)
+    if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from vlmrel_core.engine.parallel import launch_ranks
+
+        return launch_ranks(_without_num_processes(args.argv), args.num_processes)
 
     import torch
 
@@ -50,23 +55,42 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     loaded = load_vlm(args.model, device=args.device, dtype=args.dtype,
                       attn_implementation="eager" if args.attentions else args.attn_implementation,
                       device_map=args.device_map)
+    from vlmrel_core.engine.parallel import from_environment
+
+    parallel = from_environment()  # set by `accelerate launch`, torchrun or --num-processes
+    desc = f"extract {Path(args.data).name}" + (f" rank {parallel.rank}/{parallel.world_size}" if parallel else "")
     try:
-        with tqdm_progress(f"extract {Path(args.data).name}", unit="q") as progress:
+        with tqdm_progress(desc, unit="q") as progress:
             run_dir = extract(
                 loaded, args.data, args.out, image_root=args.image_root, layers=_parse_layers(args.layers),
                 poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
                 shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
-                limit=args.limit, progress=progress, self_consistency_k=args.self_consistency,
+                limit=args.limit, progress=progress, self_consistency_k=args.self_consistency, parallel=parallel,
                 allow_external_paths=args.allow_external_paths,
             )
     except KeyboardInterrupt:
         print(f"interrupted: finished shards are kept in {args.out}; run the same command again to resume", file=sys.stderr)
         return 130
+    if parallel is not None and parallel.rank != 0:
+        return 0  # rank 0 merged the run and reports it
     from vlmrel_core.engine.store import RunReader
 
     rows = RunReader(run_dir).rows
     print(json.dumps({"run_dir": str(run_dir), "n": len(rows), "accuracy": round(float(rows["correct"].mean()), 4)}))
     return 0
+
+
+def _without_num_processes(argv: Sequence[str]) -> list[str]:
+    """The command line each rank runs: the same, minus --num-processes (the environment says the rank)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
 
 
 def _cmd_generate_data(args: argparse.Namespace) -> int:
@@ -174,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model with accelerate")
     p.add_argument("--threads", type=bounded_int(0, 1024), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--num-processes", type=bounded_int(1, 256), default=1, metavar="N",
+                   help="data-parallel: N processes on this machine split the dataset and write one run "
+                        "(the same as `accelerate launch --num_processes N -m vlmrel_core.cli.main extract ...`)")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("generate-data", help="write the synthetic POPE-like splits (JSONL + PNGs)")
@@ -223,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from vlmrel_core.engine.adapters.base import AdapterError
     from vlmrel_core.data.loader import DatasetError
     from vlmrel_core.engine.loading import ModelLoadError

@@ -12,6 +12,7 @@ thread's context, so concurrent calls never see each other's activations. Hooks 
 from __future__ import annotations
 
 import contextvars
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
@@ -78,26 +79,46 @@ class CaptureResult:
 
 
 def _pool(hidden: torch.Tensor, layout: TokenLayout, pooling: str) -> torch.Tensor:
-    hidden = hidden.float()
-    b = hidden.shape[0]
-    if pooling == "last_token":
-        return hidden[torch.arange(b, device=hidden.device), layout.last_index.to(hidden.device)]
-    if pooling == "mean_all":
-        mask = layout.attention_mask
-    elif pooling == "mean_image":
-        mask = layout.image_mask
-    elif pooling == "mean_text":
-        mask = layout.attention_mask & ~layout.image_mask
-    else:
+    """One pooling of one layer's (b, s, d) output (reference form; `capture` pools all poolings in one product)."""
+    if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-    weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
-    counts = weights.sum(dim=1).clamp_min(1.0)
-    return (hidden * weights).sum(dim=1) / counts
+    weights = _pooling_weights(layout, (pooling,), hidden.device)
+    return torch.bmm(weights, hidden.float()).squeeze(1)
 
 
+def _pooling_weights(layout: TokenLayout, poolings: Sequence[str], device: torch.device) -> torch.Tensor:
+    """(b, P, s) float32: row p of sample i averages (or picks, for last_token) the tokens pooling p reads.
+
+    Why one matrix: every pooling of a layer becomes ONE batched matmul instead of a mask/sum/divide per pooling,
+    built once per call instead of once per layer (the per-op overhead dominated batch-1 capture)."""
+    masks = []
+    b, s = layout.attention_mask.shape
+    for pooling in poolings:
+        if pooling == "last_token":
+            mask = torch.zeros(b, s, dtype=torch.bool)
+            mask[torch.arange(b), layout.last_index.cpu()] = True
+        elif pooling == "mean_all":
+            mask = layout.attention_mask.cpu()
+        elif pooling == "mean_image":
+            mask = layout.image_mask.cpu()
+        elif pooling == "mean_text":
+            mask = (layout.attention_mask & ~layout.image_mask).cpu()
+        else:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        weights = mask.float()
+        masks.append(weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0))
+    return torch.stack(masks, dim=1).to(device)
+
+
+
+
+_EAGER_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def _check_eager(model: nn.Module) -> None:
+    """Refuse attention capture without eager attention; checked once per model (reading the configs costs ms)."""
+    if _EAGER_CHECKED.get(model):
+        return
     configs = [model.config, getattr(model.config, "get_text_config", lambda: model.config)()]
     impls = {getattr(c, "_attn_implementation", None) for c in configs}
     if not impls & {"eager"}:
@@ -105,6 +126,7 @@ def _check_eager(model: nn.Module) -> None:
             f"attention maps need eager attention, but the model runs {sorted(str(i) for i in impls)}; "
             "load it with attn_implementation='eager' (SDPA/FlashAttention return no weights)"
         )
+    _EAGER_CHECKED[model] = True
 
 
 @contextmanager
@@ -125,7 +147,8 @@ def capture(
     if attentions:
         _check_eager(model)
     result = CaptureResult(layers=chosen, poolings=tuple(poolings))
-    pooled: dict[int, dict[str, torch.Tensor]] = {}
+    pooled: dict[int, torch.Tensor] = {}  # layer -> (b, P, d), still on the layer's device
+    weights_on: dict[torch.device, torch.Tensor] = {}  # pooling weights per device (device_map may split layers)
     attn_rows: dict[int, torch.Tensor] = {}
     owner = object()
     handles = []
@@ -137,7 +160,9 @@ def capture(
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[1] != layout.attention_mask.shape[1]:
                 return  # not the prefill of this batch (a decode step)
-            pooled[layer_index] = {p: _pool(hidden, layout, p).detach().cpu() for p in poolings}
+            if weights_on.get(hidden.device) is None:
+                weights_on[hidden.device] = _pooling_weights(layout, poolings, hidden.device)
+            pooled[layer_index] = torch.bmm(weights_on[hidden.device], hidden.detach().float())  # (b, P, d)
 
         return hook
 
@@ -152,7 +177,7 @@ def capture(
                 return
             b = weights.shape[0]
             rows = weights[torch.arange(b, device=weights.device), :, layout.last_index.to(weights.device), :]
-            attn_rows[layer_index] = rows.float().mean(dim=1).detach().cpu()  # (b, keys), head-averaged
+            attn_rows[layer_index] = rows.float().mean(dim=1).detach()  # (b, keys), head-averaged; CPU copy at the end
 
         return hook
 
@@ -175,10 +200,10 @@ def capture(
     missing = [i for i in chosen if i not in pooled]
     if missing:
         raise AdapterError(f"no prefill output was captured for layers {missing}; was the model called inside capture()?")
-    result.states = {p: torch.stack([pooled[i][p] for i in chosen], dim=1) for p in poolings}
+    stacked = torch.stack([pooled[i].cpu() for i in chosen], dim=2)  # (b, P, n_layers, d): one copy per layer
+    result.states = {p: stacked[:, j].contiguous() for j, p in enumerate(poolings)}
     if attentions:
         image_mask = layout.image_mask.cpu()
-        per_sample = []
-        for b in range(image_mask.shape[0]):
-            per_sample.append(np.stack([attn_rows[i][b][image_mask[b]].numpy() for i in chosen]))
+        rows = torch.stack([attn_rows[i].cpu() for i in chosen], dim=1).numpy()  # (b, n_layers, keys)
+        per_sample = [rows[b][:, image_mask[b].numpy()] for b in range(image_mask.shape[0])]
         result.attentions = per_sample

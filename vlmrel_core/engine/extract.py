@@ -6,8 +6,10 @@ pass happens once; the cache resumes after an interruption and records exactly w
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -19,8 +21,11 @@ from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.run import BatchRecord, run_batch
-from vlmrel_core.engine.store import RunManifest, RunWriter, ensure_run_dir_free, run_lock
+from vlmrel_core.engine.parallel import DataParallel, rank_lock
+from vlmrel_core.engine.store import LOCK, CacheError, RunManifest, RunWriter, merge_rank_manifests, ensure_run_dir_free, run_lock
 from vlmrel_core.progress import Progress, report
+
+T = TypeVar("T")
 
 
 def image_statistics(image: Image.Image) -> dict[str, float]:
@@ -37,7 +42,8 @@ def image_statistics(image: Image.Image) -> dict[str, float]:
     }
 
 
-def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> pd.DataFrame:
+def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image], record: BatchRecord, dataset_root: Path) -> list[dict]:
+    """One dict per sample; the shard's DataFrame is built once from all of them (a frame per batch cost ms each)."""
     rows = []
     for i, sample in enumerate(samples):
         label = normalize_answer(sample.label, "lenient")
@@ -63,24 +69,24 @@ def _rows_for_batch(samples: Sequence[VQASample], images: Sequence[Image.Image],
         row.update({name: float(values[i]) for name, values in record.output.items()})
         row.update(image_statistics(images[i]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _add_self_consistency(
-    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], frame: pd.DataFrame,
+    loaded: LoadedVLM, samples: Sequence[VQASample], images: Sequence[Image.Image], rows: list[dict],
     k: int, max_new_tokens: int, normalization: NormalizationMode,
-) -> pd.DataFrame:
+) -> list[dict]:
     from vlmrel_core.engine.self_consistency import sample_answers
     from vlmrel_core.signals.consistency import SelfConsistencyConfig
 
     config = SelfConsistencyConfig(k=k)
     results = [sample_answers(loaded, image, s.question, config, max_new_tokens, normalization) for s, image in zip(samples, images)]
-    frame = frame.copy()
-    frame["sc_agreement"] = [r.agreement for r in results]
-    frame["sc_majority"] = [r.majority_answer for r in results]
-    frame["sc_majority_correct"] = [int(is_correct(r.majority_answer, label)) for r, label in zip(results, frame["label"])]
-    frame["sc_k"] = k
-    return frame
+    for row, result in zip(rows, results):
+        row["sc_agreement"] = result.agreement
+        row["sc_majority"] = result.majority_answer
+        row["sc_majority_correct"] = int(is_correct(result.majority_answer, row["label"]))
+        row["sc_k"] = k
+    return rows
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -120,12 +126,15 @@ def extract(
     progress: Progress | None = None,
     self_consistency_k: int = 0,
     allow_external_paths: bool = False,
+    parallel: DataParallel | None = None,
 ) -> Path:
     """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
 
     ``self_consistency_k`` > 0 also draws K sampled answers per question (T=0.7, top-p 0.9, seeded) and stores
     their agreement: the behavioural baseline, at K extra sampled sequences per question.
     The run folder is locked for the whole call: a second extraction into it fails at once (`RunInUseError`).
+    ``parallel`` (one rank of a data-parallel job, see `engine.parallel`): this process extracts its block of the
+    dataset into its own shards; rank 0 merges every rank's shards into the one manifest after all finish.
     """
     from vlmrel_core.gate.config import MAX_NEW_TOKENS, MAX_SELF_CONSISTENCY_K
     from vlmrel_core.validation.errors import check_int_range
@@ -162,31 +171,55 @@ def extract(
         self_consistency_k=self_consistency_k,
         vlmrel_version=__version__,
     )
-    with run_lock(out_dir):
-        writer = RunWriter(out_dir, manifest)
-        done = writer.done_ids()
-        todo = [s for s in samples if s.sample_id not in done]
-        dataset_root = Path(image_root) if image_root is not None else Path(data_path).parent
-        dataset_root = dataset_root.resolve()
-        completed = len(samples) - len(todo)
-        report(progress, completed, len(samples), "questions")
-        for shard_start in range(0, len(todo), shard_size):
-            shard_samples = todo[shard_start : shard_start + shard_size]
-            frames, tensor_parts = [], []
-            for start in range(0, len(shard_samples), batch_size):
-                batch = shard_samples[start : start + batch_size]
+    dataset_root = (Path(image_root) if image_root is not None else Path(data_path).parent).resolve()
+    work = _ShardWork(loaded, dataset_root, chosen_layers, poolings, attentions, batch_size, shard_size,
+                      max_new_tokens, normalization, self_consistency_k)
+    if parallel is None:
+        with run_lock(out_dir):
+            writer = RunWriter(out_dir, manifest)
+            done = writer.done_ids()
+            todo = [s for s in samples if s.sample_id not in done]
+            work.run(writer, todo, len(samples) - len(todo), len(samples), progress)
+    else:
+        _extract_rank(parallel, work, out_dir, manifest, samples, progress)
+    return Path(out_dir)
+
+
+@dataclass
+class _ShardWork:
+    """How questions become shards (the same for one process and for each rank of a data-parallel job)."""
+
+    loaded: LoadedVLM
+    dataset_root: Path
+    layers: list[int]
+    poolings: Sequence[str]
+    attentions: bool
+    batch_size: int
+    shard_size: int
+    max_new_tokens: int
+    normalization: NormalizationMode
+    self_consistency_k: int
+
+    def run(self, writer: RunWriter, todo: Sequence[VQASample], completed: int, total: int, progress: Progress | None) -> None:
+        report(progress, completed, total, "questions")
+        for shard_start in range(0, len(todo), self.shard_size):
+            shard_samples = todo[shard_start : shard_start + self.shard_size]
+            shard_rows, tensor_parts = [], []
+            for start in range(0, len(shard_samples), self.batch_size):
+                batch = shard_samples[start : start + self.batch_size]
                 images = [s.load_image() for s in batch]
                 record = run_batch(
-                    loaded, images, [s.question for s in batch], chosen_layers, poolings, attentions,
-                    max_new_tokens=max_new_tokens, normalization=normalization,
+                    self.loaded, images, [s.question for s in batch], self.layers, self.poolings, self.attentions,
+                    max_new_tokens=self.max_new_tokens, normalization=self.normalization,
                 )
-                frame = _rows_for_batch(batch, images, record, dataset_root)
-                if self_consistency_k:
-                    frame = _add_self_consistency(loaded, batch, images, frame, self_consistency_k, max_new_tokens, normalization)
-                frames.append(frame)
+                rows = _rows_for_batch(batch, images, record, self.dataset_root)
+                if self.self_consistency_k:
+                    rows = _add_self_consistency(self.loaded, batch, images, rows, self.self_consistency_k,
+                                                 self.max_new_tokens, self.normalization)
+                shard_rows.extend(rows)
                 tensor_parts.append(_tensors_for_batch(record))
                 completed += len(batch)
-                report(progress, completed, len(samples), f"shard {len(writer.manifest.shards) + 1}")
+                report(progress, completed, total, f"shard {len(writer.manifest.shards) + 1}")
             tensors = {}
             for name in tensor_parts[0]:
                 parts = [p[name] for p in tensor_parts]
@@ -196,5 +229,40 @@ def extract(
                 tensors[name] = np.concatenate(parts)
             # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
             # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
-            writer.write_shard(pd.concat(frames, ignore_index=True), tensors)
-    return Path(out_dir)
+            writer.write_shard(pd.DataFrame(shard_rows), tensors)
+
+
+def _together(parallel: DataParallel, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; if it fails on any, every rank raises (none waits forever at a barrier)."""
+    result, error = None, None
+    try:
+        result = step()
+    except Exception as err:  # re-raised below, on this rank and (as a summary) on the others
+        error = err
+    if not parallel.all_true(error is None):
+        raise error or CacheError("another rank of this data-parallel extraction failed to start; see its message")
+    return result
+
+
+def _extract_rank(
+    parallel: DataParallel, work: _ShardWork, out_dir: str | Path, manifest: RunManifest,
+    samples: Sequence[VQASample], progress: Progress | None,
+) -> None:
+    """One rank: lock, open its writer, agree on what is done, extract its block, then rank 0 merges."""
+    with ExitStack() as stack:
+        _together(parallel, lambda: stack.enter_context(rank_lock(out_dir, parallel.rank)))
+        writer = _together(parallel, lambda: RunWriter(out_dir, manifest, rank=0) if parallel.rank == 0 else None)
+        # the all-reduce in `_together` is the barrier: manifest.json exists before the other ranks open theirs
+        if parallel.rank != 0:
+            writer = _together(parallel, lambda: RunWriter(out_dir, manifest, rank=parallel.rank))
+        else:
+            _together(parallel, lambda: None)
+        done = writer.done_ids()
+        parallel.barrier()  # every rank has read what is done before any rank writes
+        block = samples[parallel.block(len(samples))]
+        todo = [s for s in block if s.sample_id not in done]
+        work.run(writer, todo, len(block) - len(todo), len(block), progress)
+        parallel.barrier()  # every rank's shards are finished
+        if parallel.rank == 0:
+            merge_rank_manifests(out_dir)
+            (Path(out_dir) / LOCK).unlink(missing_ok=True)  # as a single-process run, a finished folder has no lock

@@ -102,7 +102,8 @@ def run_batch(
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
     layout = TokenLayout.from_inputs(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
     t1 = time.perf_counter()
-    with torch.no_grad(), capture(model, adapter, layout, layers, poolings, attentions) as captured:
+    # inference_mode, not no_grad: no version counters or view tracking on any op (measurably less per-op overhead)
+    with torch.inference_mode(), capture(model, adapter, layout, layers, poolings, attentions) as captured:
         generated = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

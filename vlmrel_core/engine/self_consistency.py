@@ -108,6 +108,53 @@ def _prepare(loaded: LoadedVLM, image: Image.Image, question: str) -> dict[str, 
     return inputs
 
 
+def _first_token_probs(logits: torch.Tensor, config: SelfConsistencyConfig) -> torch.Tensor:
+    """The sampling distribution of the first answer token: transformers' own temperature and top-p warpers,
+    exactly as `generate(do_sample=True, temperature, top_p, top_k=0)` applies them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(float(config.temperature))(None, logits.float())
+    scores = TopPLogitsWarper(float(config.top_p))(None, scores)
+    return torch.softmax(scores, dim=-1)
+
+
+def _sample_with_shared_prefill(
+    loaded: LoadedVLM, inputs: dict[str, torch.Tensor], config: SelfConsistencyConfig, max_new_tokens: int
+) -> torch.Tensor:
+    """(K, <= max_new_tokens) sampled tokens; the prompt (image included) is prefilled ONCE, not K times.
+
+    Why: `num_return_sequences=K` copies the prompt K times before the prefill, so the vision tower and the whole
+    prefill ran K times. Here one greedy-free prefill gives the first-token logits and the KV cache; K first tokens
+    are drawn from transformers' own warped distribution, the cache is repeated K times, and the K continuations
+    are sampled in one decode loop. Each sample has the same distribution as before (independent draws)."""
+    model, tokenizer, k = loaded.model, loaded.tokenizer, int(config.k)
+    first = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    probs = _first_token_probs(first.logits[0], config)[0]  # (V,): the one prompt's first-token distribution
+    first_tokens = torch.multinomial(probs, k, replacement=True).to(inputs["input_ids"].device)
+    if max_new_tokens == 1:
+        return first_tokens[:, None]
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(k)
+    ones = torch.ones(k, 1, dtype=inputs["attention_mask"].dtype, device=first_tokens.device)
+    step_inputs = {
+        "input_ids": torch.cat([inputs["input_ids"].repeat(k, 1), first_tokens[:, None]], dim=1),
+        "attention_mask": torch.cat([inputs["attention_mask"].repeat(k, 1), ones], dim=1),
+    }
+    if "token_type_ids" in inputs:  # PaliGemma: generated tokens are suffix (type 1)
+        step_inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"].repeat(k, 1), ones.to(inputs["token_type_ids"].dtype)], dim=1)
+    rest = model.generate(**step_inputs, past_key_values=cache, do_sample=True, temperature=float(config.temperature),
+                          top_p=float(config.top_p), top_k=0, max_new_tokens=max_new_tokens - 1,
+                          pad_token_id=tokenizer.pad_token_id)
+    tokens = rest[:, inputs["input_ids"].shape[1]:]
+    eos = tokenizer.eos_token_id
+    if eos is not None:  # a sample whose first token ended it stops there (the decode loop kept it running)
+        ended = (tokens == eos).int().cumsum(dim=1)
+        after_end = (ended - (tokens == eos).int()) > 0
+        tokens = tokens.masked_fill(after_end, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    return tokens
+
+
 def sample_answers(
     loaded: LoadedVLM,
     image: Image.Image,
@@ -116,7 +163,7 @@ def sample_answers(
     max_new_tokens: int = 8,
     normalization: NormalizationMode = "lenient",
 ) -> SelfConsistencyResult:
-    """Draw K answers with temperature / nucleus sampling in one generate call and measure their agreement."""
+    """Draw K answers with temperature / nucleus sampling from one shared prefill and measure their agreement."""
     if not question or not question.strip():
         raise ValueError("question is empty")
     seed = item_seed(config.seed, _as_rgb(image), question)
@@ -127,17 +174,7 @@ def sample_answers(
     with _SAMPLING_LOCK, torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         with count_forward_calls(model) as counter:
-            sequences = model.generate(
-                **inputs,
-                do_sample=True,
-                temperature=float(config.temperature),
-                top_p=float(config.top_p),
-                top_k=0,
-                num_return_sequences=int(config.k),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=loaded.tokenizer.pad_token_id,
-            )
-    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+            new_tokens = _sample_with_shared_prefill(loaded, inputs, config, max_new_tokens)
     with loaded.processor_lock:
         texts = [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     samples = [loaded.adapter.normalize(t, normalization) for t in texts]

@@ -149,12 +149,57 @@ def read_manifest(run_dir: str | Path) -> RunManifest:
         raise CacheError(f"{path} is not a valid vlmrel manifest: {err}") from err
 
 
-class RunWriter:
-    """Appends shards to a run directory; resumes a compatible one, refuses an incompatible one."""
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank:03d}.json"
 
-    def __init__(self, run_dir: str | Path, manifest: RunManifest):
+
+def _rank_manifests(run_dir: Path) -> list[tuple[int, RunManifest]]:
+    """Per-rank manifests of a data-parallel extraction not yet merged, in rank order."""
+    found = []
+    for path in run_dir.glob("manifest.rank*.json"):
+        try:
+            found.append((int(path.name[len("manifest.rank"):-len(".json")]), RunManifest.model_validate_json(path.read_text())))
+        except (ValueError, ValidationError) as err:
+            raise CacheError(f"{path} is not a valid per-rank manifest: {err}") from err
+    return sorted(found, key=lambda item: item[0])
+
+
+def merge_rank_manifests(run_dir: str | Path) -> RunManifest:
+    """Fold every per-rank manifest into ``manifest.json`` (rank order, each shard once), then remove them.
+
+    Why rank order: ranks own contiguous blocks of the dataset, so the merged rows come in dataset order, as a
+    single-process run's do. Idempotent: a merge cut off between the manifest write and the removals is finished
+    by the next one (shards already listed are not listed again). Call it only while no rank is writing.
+    """
+    run_dir = Path(run_dir)
+    main = read_manifest(run_dir)
+    listed = {s.name for s in main.shards}
+    ranks = _rank_manifests(run_dir)
+    for rank, manifest in ranks:
+        if manifest.identity() != main.identity():
+            raise CacheError(f"{run_dir / rank_manifest_name(rank)} belongs to a different extraction than {MANIFEST}")
+        main.shards.extend(s for s in manifest.shards if s.name not in listed)
+        listed.update(s.name for s in manifest.shards)
+    if ranks:
+        atomic_write_text(run_dir / MANIFEST, main.model_dump_json(indent=1))
+        for rank, _ in ranks:
+            (run_dir / rank_manifest_name(rank)).unlink(missing_ok=True)
+    return main
+
+
+class RunWriter:
+    """Appends shards to a run directory; resumes a compatible one, refuses an incompatible one.
+
+    ``rank`` (data-parallel extraction): this rank's shards are named ``shard-rNNN-*`` and listed in its own
+    ``manifest.rankNNN.json``, so ranks never write the same file; `merge_rank_manifests` folds them into
+    ``manifest.json`` once every rank has finished. Without a rank, leftover per-rank manifests of an interrupted
+    data-parallel run are merged first (the caller holds the folder's exclusive lock).
+    """
+
+    def __init__(self, run_dir: str | Path, manifest: RunManifest, rank: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
         path = self.run_dir / MANIFEST
         if path.exists():
             existing = read_manifest(self.run_dir)
@@ -164,25 +209,50 @@ class RunWriter:
                     f"{self.run_dir} holds a different extraction (differs in: {', '.join(diff)}); "
                     "use another --out directory"
                 )
+            if rank is None:
+                existing = merge_rank_manifests(self.run_dir)
             manifest = existing
+        elif rank is not None:
+            manifest = manifest.model_copy(update={"shards": []})
+            if rank == 0:  # the folder's manifest exists from the start, so readers and resumes see one extraction
+                atomic_write_text(path, manifest.model_dump_json(indent=1))
         self.manifest = manifest
+        self.merged_shards = [s.name for s in manifest.shards]  # listed in manifest.json (for a rank: read-only)
+        if rank is not None:
+            own = {r: m for r, m in _rank_manifests(self.run_dir)}.get(rank)
+            self.manifest = manifest.model_copy(update={"shards": list(own.shards) if own else []})
         self._remove_orphans()
-        atomic_write_text(path, self.manifest.model_dump_json(indent=1))
+        atomic_write_text(self._manifest_path, self.manifest.model_dump_json(indent=1))
+
+    @property
+    def _manifest_path(self) -> Path:
+        return self.run_dir / (MANIFEST if self.rank is None else rank_manifest_name(self.rank))
+
+    @property
+    def _prefix(self) -> str:
+        return "shard-" if self.rank is None else f"shard-r{self.rank:03d}-"
 
     def _remove_orphans(self) -> None:
-        """Files of a shard that was being written when the process died: not in the manifest, so redo them."""
-        known = {s.name for s in self.manifest.shards}
-        for file in self.run_dir.glob("shard-*"):
+        """Files of a shard that was being written when the process died: not in the manifest, so redo them.
+
+        A rank touches only its own files (other ranks are writing theirs at the same time)."""
+        known = {s.name for s in self.manifest.shards} | set(self.merged_shards)
+        if self.rank is not None:
+            known |= {s.name for _, m in _rank_manifests(self.run_dir) for s in m.shards}
+        for file in self.run_dir.glob(f"{self._prefix}*"):
             stem = file.name.split(".")[0]
             if stem not in known or file.name.endswith(".tmp"):
                 file.unlink()
-        for file in self.run_dir.glob(f"{MANIFEST}.*.tmp"):  # a manifest write cut off by a kill
+        for file in self.run_dir.glob(f"{self._manifest_path.name}.*.tmp"):  # a manifest write cut off by a kill
             file.unlink()
 
     def done_ids(self) -> set[str]:
+        """Every sample already in a finished shard: merged, this rank's, or another rank's (not yet merged)."""
+        names = set(self.merged_shards) | {s.name for s in self.manifest.shards}
+        names |= {s.name for _, m in _rank_manifests(self.run_dir) for s in m.shards}
         done: set[str] = set()
-        for shard in self.manifest.shards:
-            done.update(pd.read_parquet(self.run_dir / f"{shard.name}.parquet", columns=["sample_id"])["sample_id"])
+        for name in sorted(names):
+            done.update(pd.read_parquet(self.run_dir / f"{name}.parquet", columns=["sample_id"])["sample_id"])
         return done
 
     def write_shard(self, rows: pd.DataFrame, tensors: dict[str, np.ndarray]) -> None:
@@ -191,7 +261,12 @@ class RunWriter:
         for name, array in tensors.items():
             if array.shape[0] != len(rows):
                 raise ValueError(f"tensor {name} has {array.shape[0]} rows, the shard has {len(rows)}")
-        name = f"shard-{len(self.manifest.shards):05d}"
+        taken = set(self.merged_shards) | {s.name for s in self.manifest.shards}
+        index = sum(1 for n in taken if n.startswith(self._prefix) and (self.rank is not None or not n.startswith("shard-r")))
+        name = f"{self._prefix}{index:05d}"
+        while name in taken:
+            index += 1
+            name = f"{self._prefix}{index:05d}"
         tmp_parquet = self.run_dir / f"{name}.parquet.{os.getpid()}.tmp"
         tmp_tensors = self.run_dir / f"{name}.safetensors.{os.getpid()}.tmp"
         rows.reset_index(drop=True).to_parquet(tmp_parquet, index=False)
@@ -199,7 +274,7 @@ class RunWriter:
         os.replace(tmp_parquet, self.run_dir / f"{name}.parquet")
         os.replace(tmp_tensors, self.run_dir / f"{name}.safetensors")
         self.manifest.shards.append(ShardInfo(name=name, n_rows=len(rows)))
-        atomic_write_text(self.run_dir / MANIFEST, self.manifest.model_dump_json(indent=1))
+        atomic_write_text(self._manifest_path, self.manifest.model_dump_json(indent=1))
 
 
 class RunReader:
