@@ -1,0 +1,152 @@
+"""A gate bundle's own split re-derived from its training run: per-row raw probe score, calibrated confidence (each
+fitted method) and correctness on the calibration and test parts, a live re-certification of the threshold at any
+risk target, and bootstrap CIs for ECE / MCE / Brier.
+
+Why here: report.json stores only point estimates and one certified threshold. The dashboard's risk slider must
+re-run `gate.risk.select_risk_threshold` on exactly the rows the bundle was calibrated on, which needs the split
+recorded in the bundle's provenance (`analysis.splits.make_split` is deterministic given rows and spec) and the
+bundle's own probe and calibrators. Nothing is refitted here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from vlmrel_core.analysis.metrics import (
+    Estimate, _bootstrap_distribution, brier_score, expected_calibration_error, max_calibration_error,
+    percentile_interval,
+)
+from vlmrel_core.analysis.splits import SplitSpec, make_split
+from vlmrel_core.gate.calibration import calibrator_from_dict
+from vlmrel_core.gate.risk import RiskThreshold, select_risk_threshold
+from vlmrel_core.gate.signal_calibration import N_BINS
+from vlmrel_core.results.files import ResultsError
+from vlmrel_core.results.gate import GateBundleResults
+from vlmrel_core.results.runs import RunResults, load_run
+
+CALIBRATION_METRICS: tuple[str, ...] = ("ece", "mce", "brier")
+
+
+@dataclass(frozen=True)
+class GateSplitScores:
+    """Every row of the bundle's training run: raw probe score, correctness, and calibrated confidence per method
+    (``calibrated['before']`` is the raw score); ``calibration`` / ``test`` are the bundle's row indices."""
+
+    run_dir: Path
+    raw: np.ndarray
+    correct: np.ndarray
+    calibrated: dict[str, np.ndarray]
+    calibration: np.ndarray
+    test: np.ndarray
+    chosen_method: str
+
+    def calibration_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(raw probe score, correct) on the calibration split: what the risk certificate is computed from."""
+        return self.raw[self.calibration], self.correct[self.calibration]
+
+    def test_rows(self, method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence after ``method`` (default: the bundle's), correct) on the test split."""
+        method = self.chosen_method if method is None else method
+        if method not in self.calibrated:
+            raise ResultsError(f"no calibration method {method!r}; the bundle has {sorted(self.calibrated)}")
+        return self.calibrated[method][self.test], self.correct[self.test]
+
+
+def gate_split_scores(bundle: GateBundleResults, run: RunResults | str | Path | None = None) -> GateSplitScores:
+    """Re-derive the bundle's split on its training run (``run`` default: the calibration provenance's run_dir,
+    resolved relative to the working directory or the sample-data root). Fails if the realised split sizes differ
+    from those the bundle recorded (a different run or a changed splitter)."""
+    provenance = bundle.calibration.bundle.provenance or {}
+    if run is None:
+        run = _provenance_run(provenance, bundle.gate_dir)
+    run = run if isinstance(run, RunResults) else load_run(run)
+    split_record = provenance.get("split") or bundle.report.split
+    if "spec" not in split_record:
+        raise ResultsError(f"{bundle.gate_dir}: the bundle records no split spec; cannot find its calibration rows")
+    parts = make_split(run.rows, SplitSpec.from_dict(split_record["spec"]))
+    for name, rows in (("n_calibration", parts.calibration), ("n_test", parts.test)):
+        if name in split_record and int(split_record[name]) != rows.size:
+            raise ResultsError(f"{run.run_dir}: re-derived split has {name}={rows.size}, the bundle {bundle.gate_dir} "
+                               f"recorded {split_record[name]}; is this the run the gate was built from?")
+    raw, chosen = bundle.run_scores(run)
+    calibrated = {"before": raw, bundle.calibration.chosen_method: chosen}
+    for method, spec in bundle.calibration.bundle.alternatives.items():
+        calibrated[method] = calibrator_from_dict(spec).transform(raw)
+    return GateSplitScores(run.run_dir, raw, run.correct(), calibrated, parts.calibration, parts.test,
+                           bundle.calibration.chosen_method)
+
+
+def _provenance_run(provenance: Mapping[str, object], gate_dir: Path) -> Path:
+    recorded = provenance.get("run_dir")
+    if not recorded:
+        raise ResultsError(f"{gate_dir}: calibration.json records no training run (provenance.run_dir)")
+    path = Path(str(recorded))
+    # shipped bundles record 'sample_data/runs/...': relative to the repository root, i.e. the sample root's parent
+    roots = [Path.cwd(), gate_dir.resolve().parents[2], gate_dir.resolve().parents[1]]
+    candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise ResultsError(f"the gate's training run {recorded} was not found (looked in {[str(c) for c in candidates]})")
+
+
+@dataclass(frozen=True)
+class CertifiedRouting:
+    """A threshold certified on the calibration split and what it does on the test split."""
+
+    certificate: RiskThreshold
+    calibrated_threshold: float  # the raw threshold in the bundle's calibrated confidence
+    test_coverage: float
+    test_n_kept: int
+    test_risk: float | None  # error rate of the kept test answers (None when nothing is kept)
+
+
+def certify_on_split(scores: GateSplitScores, target_risk: float, delta: float = 0.1) -> CertifiedRouting:
+    """`select_risk_threshold` on the calibration split's raw scores (as `build_gate_from_run` does), then the
+    test split's coverage and risk of the kept answers. Raises `UnreachableRiskTarget` unchanged."""
+    cal_raw, cal_correct = scores.calibration_rows()
+    certificate = select_risk_threshold(cal_raw, cal_correct, target_risk, delta)
+    kept = scores.raw[scores.test] >= certificate.threshold
+    test_correct = scores.correct[scores.test]
+    calibrated = scores.calibrated[scores.chosen_method]
+    order = np.argsort(scores.raw)  # calibrators are monotone: map the raw threshold through the observed pairs
+    calibrated_threshold = float(np.interp(certificate.threshold, scores.raw[order], calibrated[order]))
+    return CertifiedRouting(
+        certificate=certificate,
+        calibrated_threshold=calibrated_threshold,
+        test_coverage=float(kept.mean()) if kept.size else 0.0,
+        test_n_kept=int(kept.sum()),
+        test_risk=float(1.0 - test_correct[kept].mean()) if kept.any() else None,
+    )
+
+
+def calibration_metric_cis(
+    correct: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, n_bins: int = N_BINS,
+    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+) -> dict[str, Estimate]:
+    """ECE, MCE (uniform bins, as the gate report) and Brier with percentile-bootstrap (1 - alpha) intervals over
+    rows. The point values equal the report's; resampling rows is what a different eval draw would change."""
+    labels = np.asarray(correct).astype(np.int64)
+    probs = np.asarray(prob, dtype=np.float64)
+    if labels.shape != probs.shape or labels.ndim != 1 or labels.size < 2:
+        raise ValueError(f"correct {labels.shape} and prob {probs.shape} must be equal 1-d arrays of >= 2 rows")
+    funcs = {
+        "ece": lambda y, p: expected_calibration_error(y, p, n_bins=n_bins, strategy="uniform"),
+        "mce": lambda y, p: max_calibration_error(y, p, n_bins=n_bins, strategy="uniform"),
+        "brier": brier_score,
+    }
+    out = {}
+    for name, func in funcs.items():
+        def batch(idx: np.ndarray, func=func) -> np.ndarray:
+            return np.array([func(labels[row], probs[row]) for row in idx])
+        replicates = _bootstrap_distribution(labels.size, batch, n_boot, seed)
+        out[name] = Estimate(float(func(labels, probs)), *percentile_interval(replicates, alpha))
+    return out
+
+
+__all__ = ["CALIBRATION_METRICS", "CertifiedRouting", "GateSplitScores", "calibration_metric_cis",
+           "certify_on_split", "gate_split_scores"]
