@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="sample_data/models/late_fusion")
     parser.add_argument("--data", default="sample_data/shapes_pope/adversarial.jsonl", help="held-out questions (first N used)")
     parser.add_argument("--tiny", action="store_true", help="random-weight tiny LLaVA and generated questions (ignores --model/--data)")
-    parser.add_argument("--weights", default=None, help="probe dir / safetensors (default: a seeded random vector; timing does not depend on it)")
+    parser.add_argument("--weights", default=None, help="probe directory saved by vlmrel (default: a seeded random vector; timing does not depend on it)")
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--n", type=int, default=300)
@@ -54,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.interventions.core import DimensionAblation, ablation_effect, evaluate_accuracy, load_probe_weights, top_k_dimensions
+    from vlmrel_core.interventions.ablation import DimensionAblation, load_ablation_probe, top_k_dimensions
+    from vlmrel_core.interventions.study import ablation_effect, evaluate_accuracy
     from vlmrel_core.engine.loading import load_vlm
 
     model_dir, data = _tiny_model_and_data(args.n) if args.tiny else (args.model, args.data)
@@ -63,7 +64,7 @@ def main() -> None:
     images = [s.load_image() for s in samples]  # the dashboard keeps these in memory
     types = [str(s.metadata.get("question_type", "untyped")) for s in samples]
     if args.weights:
-        weights = load_probe_weights(args.weights, loaded).weights
+        weights = load_ablation_probe(args.weights, loaded).weights
     else:
         weights = np.random.default_rng(0).normal(size=loaded.hidden_size)
     ablation = DimensionAblation(args.layer, tuple(int(d) for d in top_k_dimensions(weights, args.k)))

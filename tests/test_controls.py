@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from scipy import stats
@@ -7,10 +5,10 @@ from sklearn.metrics import roc_auc_score
 
 from synthetic_runs import make_run
 from vlmrel_core.analysis.cluster_bootstrap import grouped_auroc_ci, grouped_auroc_gain_ci, weighted_auroc_rows
-from vlmrel_core.analysis.controls import Gain, evaluate_scores, one_hot, run_all_controls, run_controls
-from vlmrel_core.analysis.metrics import Estimate, auroc_ci
+from vlmrel_core.analysis.controls import evaluate_scores, one_hot, run_all_controls, run_controls
+from vlmrel_core.analysis.metrics import auroc_ci
+from vlmrel_core.analysis.claims import make_claim
 from vlmrel_core.analysis.probes import fit_run_probe
-from vlmrel_core.analysis.report import make_claim
 from vlmrel_core.analysis.splits import SplitSpec, make_split
 from vlmrel_core.engine.store import RunReader
 
@@ -110,21 +108,3 @@ def test_group_bootstrap_is_wider_than_row_bootstrap_when_errors_cluster():
     assert grouped.high - grouped.low > 1.5 * (rows.high - rows.low)
     gain = grouped_auroc_gain_ci(y, score, score, groups, n_boot=100)
     assert gain.value == gain.low == gain.high == 0.0
-
-
-def test_claims_need_both_the_row_and_the_group_interval_to_exclude_zero():
-    def suites(row, group):
-        gain = Gain("probe", "control: item", "item", Estimate((row[0] + row[1]) / 2, *row),
-                    Estimate((row[0] + row[1]) / 2, *group))
-        return {"item": SimpleNamespace(gains={"probe_vs_item_control": gain, "probe_vs_max_answer_prob": gain})}
-
-    holds = make_claim("m/a", suites((0.01, 0.05), (0.02, 0.04)))
-    assert holds.holds and "holds for m/a" in holds.sentence and "both intervals exclude 0" in holds.sentence
-    narrow_groups_only = make_claim("m/a", suites((-0.01, 0.05), (0.02, 0.04)))
-    assert not narrow_groups_only.holds and "is not established" in narrow_groups_only.sentence
-    wide_groups = make_claim("m/a", suites((0.01, 0.05), (-0.03, 0.08)))
-    assert not wide_groups.holds
-    loss = make_claim("m/a", suites((-0.08, -0.01), (-0.09, -0.02)))
-    assert not loss.holds and "item control beats the probe" in loss.sentence
-    missing = make_claim("m/a", {})
-    assert not missing.holds and "cannot be assessed" in missing.sentence

@@ -4,21 +4,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from synthetic_runs import make_run
 from vlmrel_core.analysis.metrics import auroc, auroc_ci
-from vlmrel_core.analysis.probes import (
-    PROBE_JSON,
-    PROBE_TENSORS,
-    ProbeError,
-    fit_ensembles,
-    fit_probe,
-    load_ensemble,
-    load_probe,
-    sweep_layers,
-    write_sweep,
-)
-from vlmrel_core.analysis.splits import SplitSpec, make_split
-from vlmrel_core.engine.store import RunReader
+from vlmrel_core.analysis.probes import PROBE_JSON, PROBE_TENSORS, ProbeError, fit_probe, load_probe
 
 GRID = (0.01, 1.0, 100.0)
 
@@ -92,44 +79,3 @@ def test_tampered_or_garbage_probe_files_are_clear_errors(tmp_path):
     (directory / PROBE_JSON).unlink()
     with pytest.raises(ProbeError, match="not a saved probe"):
         load_probe(directory)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"), hidden_strength=(0.0, 1.0, 6.0), poolings=("last_token", "mean_all"))
-
-
-def test_layer_sweep_finds_the_informative_layer_and_a_consistent_plateau(run_dir, tmp_path):
-    reader = RunReader(run_dir)
-    sweep = sweep_layers(reader, split=SplitSpec("image"), n_boot=300, c_grid=GRID)
-    assert len(sweep.results) == 2 * 3
-    by_layer = {(r.pooling, r.layer): r for r in sweep.results}
-    assert by_layer[("last_token", 0)].auroc.low <= 0.5 <= by_layer[("last_token", 0)].auroc.high
-    assert by_layer[("last_token", 2)].auroc.value == 1.0
-    best = sweep.best("last_token")
-    assert best.layer == 2
-    plateau = sweep.plateau("last_token")
-    assert best in plateau and by_layer[("last_token", 0)] not in plateau
-    assert all((r.auroc.high >= best.auroc.value) == (r in plateau) for r in sweep.results if r.pooling == "last_token")
-    assert sweep.selected().layer == 2
-    y = reader.rows["correct"].to_numpy()
-    assert auroc(y[sweep.split.test], sweep.test_scores[("last_token", 2)]) == best.auroc.value
-    paths = write_sweep(sweep, tmp_path / "sweep")
-    assert all(p.exists() for p in paths)
-    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"]["last_token"]["layer"] == 2
-
-
-def test_ensembles_concatenate_and_average_the_last_layers(run_dir, tmp_path):
-    reader = RunReader(run_dir)
-    split = make_split(reader.rows, SplitSpec("image"))
-    result = fit_ensembles(reader, "last_token", split, k=2, n_boot=200, c_grid=GRID)
-    assert result.layers == [1, 2] and result.concat.info.kind == "concat_layers"
-    assert result.concat.info.n_features == 2 * 8
-    states = reader.states("last_token", [1, 2])[split.test]
-    np.testing.assert_allclose(result.concat.score(states), result.concat_test_scores)
-    assert result.concat_auroc.value > 0.95 and result.mean_score_auroc.value > 0.9
-    result.mean_score.save(tmp_path / "ens")
-    again = load_ensemble(tmp_path / "ens", expected_fingerprint="synthetic-model-1", expected_hidden_size=8)
-    np.testing.assert_allclose(again.score(states), result.mean_score_test_scores)
-    with pytest.raises(ProbeError, match="fingerprint mismatch"):
-        load_ensemble(tmp_path / "ens", expected_fingerprint="other")

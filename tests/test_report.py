@@ -5,30 +5,13 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from report_fixtures import GRID, OPTIONS, report, runs  # noqa: F401 (pytest fixtures)
 from synthetic_runs import make_run
-from vlmrel_core.cli import analysis as cli_analysis
-from vlmrel_core.analysis.probes import load_probe
-from vlmrel_core.analysis.report import build_report, write_report
+from vlmrel_core.analysis.report import build_report
 from vlmrel_core.analysis.splits import SplitSpec, make_split
-from vlmrel_core.engine.store import RunReader
 from vlmrel_core.analysis.transfer import transfer_across_runs
-
-GRID = (0.1, 10.0)
-OPTIONS = dict(n_boot=150, c_grid=GRID, n_permutations=5)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    strong = dict(hidden_strength=(0.0, 1.5, 8.0), output_strength=0.1)
-    adversarial = make_run(root / "adversarial", split_name="adversarial", seed=0, self_consistency_k=10, **strong)
-    random = make_run(root / "random", split_name="random", seed=1, **strong)
-    return adversarial, random
-
-
-@pytest.fixture(scope="module")
-def report(runs):
-    return build_report(runs[0], **OPTIONS)
+from vlmrel_core.cli import analysis as cli_analysis
+from vlmrel_core.engine.store import RunReader
 
 
 def test_table7_lists_every_signal_and_control_for_both_splits(report):
@@ -112,20 +95,16 @@ def test_layer_signals_cover_attention_and_logit_lens(report):
     assert truth["note"].str.contains("ground-truth label").all()
 
 
-def test_written_report_files_and_saved_probe(report, tmp_path):
-    paths = write_report(report, tmp_path / "out")
-    names = {p.name for p in paths}
-    for name in ("table7.csv", "table7.md", "gains.csv", "transfer.md", "layer_signals.md", "sweep.md", "report.md",
-                 "report.json"):
-        assert name in names
-    text = (tmp_path / "out" / "report.md").read_text()
-    assert "higher = more likely correct" in text and "leaves AUROC unchanged" in text and "holds for" in text
-    assert "negated" in (tmp_path / "out" / "table7.md").read_text()
-    summary = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert summary["runs"][0]["claim"]["holds"] is True
-    probe_dir = tmp_path / "out" / "probes" / "synthetic-model-1__adversarial"
-    probe = load_probe(probe_dir, expected_fingerprint="synthetic-model-1", expected_hidden_size=8)
-    assert probe.info.layers == [2] and probe.info.metrics["test_auroc"]["value"] == 1.0
+def test_build_report_reports_progress_from_zero_to_done(tmp_path):
+    run = make_run(tmp_path / "small", n_images=30, hidden_strength=(0.0, 8.0))
+    calls = []
+    build_report(run, **{**OPTIONS, "n_boot": 20}, transfer=False,
+                 progress=lambda done, total, stage: calls.append((done, total, stage)))
+    done = [c[0] for c in calls]
+    assert calls[-1] == (1000, 1000, "done") and done == sorted(done) and all(c[1] == 1000 for c in calls)
+    stages = [c[2] for c in calls]
+    for expected in ("image: layer 2/2 last_token", "image: ensembles", "image: controls", "item: signals"):
+        assert expected in stages, stages
 
 
 def test_cli_sweep_and_report(tmp_path, capsys):

@@ -18,11 +18,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 
-from vlmrel_core.analysis.metrics import Estimate, labels_and_scores, percentile_interval, require_both_classes
-
-# Cap on replicates x rows materialised at once (weights are float64: 2M cells = 16 MB).
-_MAX_CELLS = 2_000_000
-_MAX_DRAW_FACTOR = 20
+from vlmrel_core.analysis.metrics import (
+    Estimate, bootstrap_replicates, labels_and_scores, percentile_interval, require_both_classes,
+)
 
 
 def weighted_auroc_rows(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -55,26 +53,18 @@ def _group_index(groups: ArrayLike, n: int) -> tuple[np.ndarray, int]:
 def _group_bootstrap(
     group_index: np.ndarray, n_groups: int, statistic: Callable[[np.ndarray], np.ndarray], n_boot: int, seed: int
 ) -> np.ndarray:
-    """``n_boot`` finite replicates of ``statistic(weights (b, n))``; degenerate resamples are redrawn."""
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
+    """``n_boot`` finite replicates of ``statistic(weights (b, n))``, a resample being a draw of whole groups whose
+    multiplicities weight the rows; degenerate resamples are redrawn (`metrics.bootstrap_replicates`)."""
     n_rows = group_index.size
-    block = max(1, min(n_boot, _MAX_CELLS // max(n_rows, 1)))
-    kept: list[np.ndarray] = []
-    n_kept = n_drawn = 0
-    while n_kept < n_boot:
-        if n_drawn >= _MAX_DRAW_FACTOR * n_boot:
-            raise ValueError(f"only {n_kept} of {n_drawn} group resamples had both classes; too few groups")
-        drawn = rng.integers(0, n_groups, size=(block, n_groups))
+
+    def on_weights(drawn: np.ndarray) -> np.ndarray:
+        block = drawn.shape[0]
         offsets = drawn + n_groups * np.arange(block)[:, None]
         counts = np.bincount(offsets.ravel(), minlength=block * n_groups).reshape(block, n_groups)
-        values = np.asarray(statistic(counts[:, group_index].astype(float)), dtype=float)
-        values = values[np.isfinite(values)]
-        kept.append(values)
-        n_kept += values.size
-        n_drawn += block
-    return np.concatenate(kept)[:n_boot]
+        return statistic(counts[:, group_index].astype(float))
+
+    return bootstrap_replicates(n_groups, on_weights, n_boot, seed, cells_per_replicate=n_rows,
+                                failure="only {kept} of {drawn} group resamples had both classes; too few groups")
 
 
 def grouped_auroc_ci(

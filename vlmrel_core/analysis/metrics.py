@@ -12,7 +12,7 @@ Convention: ``correct`` is the 0/1 (or bool) label "the model's answer was right
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -112,33 +112,37 @@ class Estimate:
         return {"value": float(self.value), "low": float(self.low), "high": float(self.high)}
 
 
-def _bootstrap_distribution(
-    n_samples: int,
-    batch_statistic: Callable[[np.ndarray], np.ndarray],
+def bootstrap_replicates(
+    n_units: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
     n_boot: int,
-    seed: int,
+    seed: int | Sequence[int],
+    *,
+    cells_per_replicate: int | None = None,
+    failure: str = "only {kept} of {drawn} bootstrap resamples were usable (one class or a constant score); "
+                   "the minority class is too small for a bootstrap interval",
 ) -> np.ndarray:
-    """``n_boot`` finite bootstrap replicates of a statistic.
+    """``n_boot`` finite bootstrap replicates of a statistic: the one resampling loop of the library.
 
-    ``batch_statistic`` maps an index matrix (b, n) to b values and returns NaN for degenerate resamples (one
-    class only, constant score); those are redrawn rather than counted, which is the usual convention and keeps
-    the percentile interval defined. Resamples are drawn in blocks so memory stays bounded for large n.
+    ``statistic`` maps a (b, n_units) matrix of unit indices drawn with replacement (rows, or groups for the cluster
+    bootstrap) to b values and returns NaN for degenerate resamples (one class only, constant score); those are
+    redrawn rather than counted, which is the usual convention and keeps the percentile interval defined (after
+    ``20 * n_boot`` draws it gives up with ``failure``). Resamples are drawn in blocks so that at most ~2M cells
+    (``cells_per_replicate`` each, default ``n_units``) are materialised at once.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
-    block = max(1, min(n_boot, _BOOTSTRAP_MAX_CELLS // max(n_samples, 1)))
+    cells = n_units if cells_per_replicate is None else cells_per_replicate
+    block = max(1, min(n_boot, _BOOTSTRAP_MAX_CELLS // max(cells, 1)))
     replicates: list[np.ndarray] = []
     n_kept = 0
     n_drawn = 0
     while n_kept < n_boot:
         if n_drawn >= _BOOTSTRAP_MAX_DRAW_FACTOR * n_boot:
-            raise ValueError(
-                f"only {n_kept} of {n_drawn} bootstrap resamples were usable (one class or a constant score); "
-                "the minority class is too small for a bootstrap interval"
-            )
-        indices = rng.integers(0, n_samples, size=(block, n_samples))
-        values = np.asarray(batch_statistic(indices), dtype=float)
+            raise ValueError(failure.format(kept=n_kept, drawn=n_drawn))
+        indices = rng.integers(0, n_units, size=(block, n_units))
+        values = np.asarray(statistic(indices), dtype=float)
         values = values[np.isfinite(values)]
         replicates.append(values)
         n_kept += values.size
@@ -198,7 +202,7 @@ def auroc_ci(
     _check_alpha(alpha)
     labels, scores = labels_and_scores(correct, score)
     require_both_classes(labels, "AUROC")
-    replicates = _bootstrap_distribution(
+    replicates = bootstrap_replicates(
         labels.size, lambda idx: auroc_rows(labels[idx], scores[idx]), n_boot, seed
     )
     return Estimate(float(roc_auc_score(labels, scores)), *percentile_interval(replicates, alpha))
@@ -226,7 +230,7 @@ def auroc_gain_ci(
         resampled_labels = labels[idx]
         return auroc_rows(resampled_labels, scores_a[idx]) - auroc_rows(resampled_labels, scores_b[idx])
 
-    replicates = _bootstrap_distribution(labels.size, gain_rows, n_boot, seed)
+    replicates = bootstrap_replicates(labels.size, gain_rows, n_boot, seed)
     gain = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
     return Estimate(gain, *percentile_interval(replicates, alpha))
 
@@ -264,7 +268,7 @@ def point_biserial(
     if ci_method != "bootstrap":
         raise ValueError(f"ci_method must be 'bootstrap' or 'fisher', got {ci_method!r}")
     labels_float = labels.astype(float)
-    replicates = _bootstrap_distribution(
+    replicates = bootstrap_replicates(
         labels.size, lambda idx: _pearson_rows(labels_float[idx], scores[idx]), n_boot, seed
     )
     return Estimate(value, *percentile_interval(replicates, alpha))

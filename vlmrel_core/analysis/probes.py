@@ -1,4 +1,6 @@
-"""Hidden-state probes: per-layer logistic regression, the layer sweep, multi-layer ensembles, safe save/load.
+"""Hidden-state probes: the probe object, fitting it (grouped-CV choice of C), safe save/load.
+
+The layer sweep is in `sweep`, the multi-layer ensembles in `ensemble`.
 
 Why this shape:
 * A probe is StandardScaler + LogisticRegression, with C chosen by *grouped* cross-validation on the training
@@ -12,15 +14,12 @@ Why this shape:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
 from scipy.special import expit
@@ -31,9 +30,10 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from vlmrel_core import __version__
-from vlmrel_core.analysis.metrics import Estimate, as_binary_labels, auroc_rows, require_both_classes, auroc_ci
+from vlmrel_core.analysis.metrics import as_binary_labels, auroc_rows, require_both_classes
 from vlmrel_core.analysis.splits import Split, SplitSpec, group_keys, grouped_folds, labels_of, make_split
 from vlmrel_core.engine.store import RunManifest, RunReader
+from vlmrel_core.io import atomic_write_text
 
 #: Inverse regularisation strengths tried by grouped CV (the prototype's probes wanted C = 10–100).
 DEFAULT_C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -42,7 +42,6 @@ MAX_ITER = 2000
 PROBE_SCHEMA_VERSION = 1
 PROBE_JSON = "probe.json"
 PROBE_TENSORS = "probe.safetensors"
-ENSEMBLE_JSON = "ensemble.json"
 _TENSOR_NAMES = ("coef", "intercept", "scaler_mean", "scaler_scale")
 
 
@@ -151,7 +150,7 @@ class Probe:
         tensors = self._tensors()
         self.info = self.info.model_copy(update={"tensors_sha256": _tensors_digest(tensors)})
         save_file(tensors, str(directory / PROBE_TENSORS))
-        _atomic_write(directory / PROBE_JSON, self.info.model_dump_json(indent=1))
+        atomic_write_text(directory / PROBE_JSON, self.info.model_dump_json(indent=1))
         return directory
 
     def _tensors(self) -> dict[str, np.ndarray]:
@@ -161,12 +160,6 @@ class Probe:
             "scaler_mean": np.ascontiguousarray(self.scaler_mean, dtype=np.float64),
             "scaler_scale": np.ascontiguousarray(self.scaler_scale, dtype=np.float64),
         }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tensors_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -362,7 +355,8 @@ def fit_probe(
     )
 
 
-def _resolve_split(reader: RunReader, split: Split | SplitSpec | None) -> Split:
+def resolve_split(reader: RunReader, split: Split | SplitSpec | None) -> Split:
+    """``split`` as a Split of this run's rows (None: the default image-grouped SplitSpec)."""
     if split is None:
         return make_split(reader.rows, SplitSpec("image"))
     if isinstance(split, SplitSpec):
@@ -384,7 +378,7 @@ def fit_run_probe(
 
     ``states`` may pass the already-loaded (n, n_layers_extracted, d) array of ``pooling`` to avoid re-reading.
     """
-    split = _resolve_split(reader, split)
+    split = resolve_split(reader, split)
     manifest = reader.manifest
     layers = list(layers)
     if states is None:
@@ -416,7 +410,7 @@ def select_layer_probe(
 
     Why: comparisons against controls must not pick the layer on the test rows they are scored on.
     """
-    split = _resolve_split(reader, split)
+    split = resolve_split(reader, split)
     best: Probe | None = None
     for pooling in poolings if poolings is not None else reader.manifest.poolings:
         states = reader.states(pooling)
@@ -427,274 +421,3 @@ def select_layer_probe(
                 best = probe
     assert best is not None
     return best
-
-
-# --------------------------------------------------------------------------------------------------- layer sweep
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    """One (pooling, layer) probe: held-out AUROC with its 95% CI, and how it was fitted."""
-
-    pooling: str
-    layer: int
-    auroc: Estimate
-    cv_auroc: float
-    C: float
-    n_train: int
-    n_test: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pooling": self.pooling, "layer": self.layer, "auroc": self.auroc.value, "auroc_low": self.auroc.low,
-            "auroc_high": self.auroc.high, "cv_auroc": self.cv_auroc, "C": self.C, "n_train": self.n_train,
-            "n_test": self.n_test,
-        }
-
-
-@dataclass
-class LayerSweep:
-    """Per layer × pooling held-out probe AUROC on one split, with the fitted probes and their test scores."""
-
-    results: list[LayerResult]
-    split: Split
-    model_fingerprint: str
-    run_dir: str
-    probes: dict[tuple[str, int], Probe] = field(default_factory=dict, repr=False)
-    test_scores: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
-
-    @property
-    def poolings(self) -> list[str]:
-        return list(dict.fromkeys(r.pooling for r in self.results))
-
-    def _of(self, pooling: str | None) -> list[LayerResult]:
-        chosen = [r for r in self.results if pooling is None or r.pooling == pooling]
-        if not chosen:
-            raise ProbeError(f"the sweep has no results for pooling {pooling!r}; it has {self.poolings}")
-        return chosen
-
-    def best(self, pooling: str | None = None) -> LayerResult:
-        """Highest held-out AUROC point estimate (of one pooling, or over all); ties go to the earlier layer.
-
-        Descriptive only: choosing by test AUROC and then quoting it is optimistic. Use `selected` to pick the probe
-        that other comparisons (controls, transfer) use.
-        """
-        return max(self._of(pooling), key=lambda r: (r.auroc.value, -r.layer))
-
-    def plateau(self, pooling: str | None = None) -> list[LayerResult]:
-        """The layers statistically indistinguishable from the best one, by a one-sided CI rule.
-
-        Precisely: with b = `best(pooling)`, the plateau is every result r (of that pooling; over all poolings
-        when pooling is None) whose held-out AUROC 95% CI upper bound r.auroc.high >= b.auroc.value, the best
-        layer's point estimate. It always contains b. The CIs are the row bootstrap of `metrics.auroc_ci` on the
-        same test rows. Choose a layer from the plateau (e.g. the earliest, or `selected`), not the argmax.
-        """
-        top = self.best(pooling).auroc.value
-        return [r for r in self._of(pooling) if r.auroc.high >= top]
-
-    def selected(self, pooling: str | None = None) -> LayerResult:
-        """The probe chosen without test data: highest grouped-CV AUROC on the training split (ties: later layer)."""
-        return max(self._of(pooling), key=lambda r: (r.cv_auroc, r.layer))
-
-    def to_frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame([r.to_dict() for r in self.results])
-        best = {p: self.best(p).layer for p in self.poolings}
-        plateaus = {p: {r.layer for r in self.plateau(p)} for p in self.poolings}
-        selected = self.selected()
-        frame["best_of_pooling"] = [best[p] == l for p, l in zip(frame["pooling"], frame["layer"])]
-        frame["in_plateau"] = [l in plateaus[p] for p, l in zip(frame["pooling"], frame["layer"])]
-        frame["cv_selected"] = [(p, l) == (selected.pooling, selected.layer) for p, l in zip(frame["pooling"], frame["layer"])]
-        return frame
-
-    def to_dict(self) -> dict[str, Any]:
-        overall, selected = self.best(), self.selected()
-        return {
-            "run_dir": self.run_dir,
-            "model_fingerprint": self.model_fingerprint,
-            "split": self.split.summary(),
-            "results": [r.to_dict() for r in self.results],
-            "best": {p: self.best(p).to_dict() for p in self.poolings},
-            "best_overall": overall.to_dict(),
-            "plateau": {p: [r.layer for r in self.plateau(p)] for p in self.poolings},
-            "plateau_overall": [[r.pooling, r.layer] for r in self.plateau()],
-            "cv_selected": selected.to_dict(),
-            "plateau_rule": "layers whose held-out AUROC 95% CI upper bound >= the best layer's point estimate",
-        }
-
-
-def sweep_layers(
-    reader: RunReader,
-    poolings: Sequence[str] | None = None,
-    split: Split | SplitSpec | None = None,
-    *,
-    layers: Sequence[int] | None = None,
-    seed: int = 0,
-    n_boot: int = 1000,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-) -> LayerSweep:
-    """Fit one probe per (pooling, layer) on the training rows and score the held-out rows.
-
-    ``poolings`` / ``layers`` default to everything the run extracted; ``split`` defaults to an image-grouped
-    SplitSpec(). Memory: one pooling's (n, n_layers, d) float32 states at a time.
-    """
-    split = _resolve_split(reader, split)
-    manifest = reader.manifest
-    poolings = list(poolings) if poolings is not None else list(manifest.poolings)
-    layers = list(layers) if layers is not None else list(manifest.layers)
-    y = labels_of(reader.rows)
-    y_test = y[split.test]
-    results: list[LayerResult] = []
-    probes: dict[tuple[str, int], Probe] = {}
-    scores: dict[tuple[str, int], np.ndarray] = {}
-    for pooling in poolings:
-        states = reader.states(pooling)
-        for layer in layers:
-            probe = fit_run_probe(reader, pooling, [layer], split, seed, c_grid=c_grid, states=states)
-            test_score = probe.score(states[split.test, manifest.layers.index(layer)])
-            estimate = auroc_ci(y_test, test_score, n_boot=n_boot, seed=seed)
-            probe.info.metrics.update({"test_auroc": estimate.to_dict(), "n_test": int(split.test.size)})
-            cv = probe.info.cv_auroc
-            results.append(LayerResult(pooling, layer, estimate, float("nan") if cv is None else cv, probe.info.C,
-                                       int(split.train.size), int(split.test.size)))
-            probes[(pooling, layer)] = probe
-            scores[(pooling, layer)] = test_score
-    return LayerSweep(results, split, manifest.model_fingerprint, str(reader.run_dir), probes, scores)
-
-
-# --------------------------------------------------------------------------------------------------- ensembles
-
-
-@dataclass
-class MeanScoreEnsemble:
-    """Late fusion over layers: the mean of per-layer probes' P(correct). Members share one pooling."""
-
-    members: list[Probe]
-
-    @property
-    def layers(self) -> list[int]:
-        return [m.info.layers[0] for m in self.members]
-
-    def score(self, states: np.ndarray) -> np.ndarray:
-        """states: (n, k, d) with the k member layers in `layers` order."""
-        array = np.asarray(states)
-        if array.ndim != 3 or array.shape[1] != len(self.members):
-            raise ProbeError(f"expected states of shape (n, {len(self.members)}, d) for layers {self.layers}, got {array.shape}")
-        return np.mean([m.score(array[:, i]) for i, m in enumerate(self.members)], axis=0)
-
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        names = []
-        for member in self.members:
-            name = f"layer-{member.info.layers[0]:03d}"
-            member.save(directory / name)
-            names.append(name)
-        _atomic_write(directory / ENSEMBLE_JSON, json.dumps({"kind": "mean_score", "members": names}, indent=1))
-        return directory
-
-
-def load_ensemble(
-    directory: str | Path, expected_fingerprint: str | None = None, expected_hidden_size: int | None = None
-) -> MeanScoreEnsemble:
-    """Load a saved mean-score ensemble; every member is checked like `load_probe`."""
-    directory = Path(directory)
-    try:
-        spec = json.loads((directory / ENSEMBLE_JSON).read_text())
-        names = [str(n) for n in spec["members"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ProbeError(f"{directory} is not a saved probe ensemble: {err}") from err
-    if any("/" in n or n.startswith(".") for n in names):
-        raise ProbeError(f"{directory / ENSEMBLE_JSON} names members outside its directory")
-    return MeanScoreEnsemble([load_probe(directory / n, expected_fingerprint, expected_hidden_size) for n in names])
-
-
-@dataclass
-class EnsembleResult:
-    """The two multi-layer variants on one split: concatenated last-k states, and mean of per-layer scores."""
-
-    pooling: str
-    layers: list[int]
-    concat: Probe
-    mean_score: MeanScoreEnsemble
-    concat_auroc: Estimate
-    mean_score_auroc: Estimate
-    concat_test_scores: np.ndarray = field(repr=False)
-    mean_score_test_scores: np.ndarray = field(repr=False)
-
-
-def fit_ensembles(
-    reader: RunReader,
-    pooling: str,
-    split: Split | SplitSpec | None = None,
-    k: int = 5,
-    seed: int = 0,
-    *,
-    n_boot: int = 1000,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-    sweep: LayerSweep | None = None,
-) -> EnsembleResult:
-    """Both ensembles over the last ``k`` extracted layers (fewer if the run has fewer), held-out AUROC with CI.
-
-    Member probes of the mean-score ensemble are taken from ``sweep`` when it was run on the same split.
-    """
-    split = _resolve_split(reader, split)
-    manifest = reader.manifest
-    layers = list(manifest.layers)[-k:]
-    states = reader.states(pooling)
-    y_test = labels_of(reader.rows)[split.test]
-    concat = fit_run_probe(reader, pooling, layers, split, seed, c_grid=c_grid, states=states)
-    columns = [manifest.layers.index(l) for l in layers]
-    test_states = states[split.test][:, columns]
-    concat_scores = concat.score(test_states)
-    reuse = sweep is not None and np.array_equal(sweep.split.test, split.test)
-    members = [
-        sweep.probes[(pooling, l)] if reuse and (pooling, l) in sweep.probes
-        else fit_run_probe(reader, pooling, [l], split, seed, c_grid=c_grid, states=states)
-        for l in layers
-    ]
-    ensemble = MeanScoreEnsemble(members)
-    mean_scores = ensemble.score(test_states)
-    return EnsembleResult(
-        pooling, layers, concat, ensemble,
-        auroc_ci(y_test, concat_scores, n_boot=n_boot, seed=seed),
-        auroc_ci(y_test, mean_scores, n_boot=n_boot, seed=seed),
-        concat_scores, mean_scores,
-    )
-
-
-# --------------------------------------------------------------------------------------------------- writing
-
-
-def write_sweep(sweep: LayerSweep, out_dir: str | Path) -> list[Path]:
-    """sweep.csv (one row per pooling × layer), sweep.json (best, plateau, CV-selected, split) and sweep.md."""
-    from vlmrel_core.analysis.report import markdown_table, format_estimate  # the report owns table formatting
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    frame = sweep.to_frame()
-    frame.to_csv(out / "sweep.csv", index=False)
-    (out / "sweep.json").write_text(json.dumps(sweep.to_dict(), indent=1))
-    shown = pd.DataFrame({
-        "pooling": frame["pooling"],
-        "layer": frame["layer"],
-        "held-out AUROC [95% CI]": [format_estimate(Estimate(v, lo, hi)) for v, lo, hi in
-                                    zip(frame["auroc"], frame["auroc_low"], frame["auroc_high"])],
-        "train CV AUROC": frame["cv_auroc"].round(3),
-        "C": frame["C"],
-        "best": frame["best_of_pooling"].map({True: "best", False: ""}),
-        "plateau": frame["in_plateau"].map({True: "yes", False: ""}),
-    })
-    summary = sweep.to_dict()
-    lines = [
-        f"# Layer sweep: {sweep.run_dir}",
-        "",
-        f"Split: {sweep.split.spec.grouping}-grouped, n_train={sweep.split.train.size}, n_test={sweep.split.test.size}, "
-        f"seed={sweep.split.spec.seed}. Held-out AUROC with row-bootstrap 95% CI.",
-        f"Plateau rule: {summary['plateau_rule']}.",
-        f"Best overall (by test AUROC, descriptive): {sweep.best().pooling} layer {sweep.best().layer}; "
-        f"selected by training-split CV (used elsewhere): {sweep.selected().pooling} layer {sweep.selected().layer}.",
-        "",
-        markdown_table(shown),
-    ]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    return [out / "sweep.csv", out / "sweep.json", out / "sweep.md"]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from vlmrel_core.analysis.probes import DEFAULT_C_GRID
+from vlmrel_core.progress import tqdm_progress
 
 
 def _c_grid(text: str) -> tuple[float, ...]:
@@ -36,13 +37,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Per layer × pooling held-out probe AUROC (+CI), best layer, plateau; writes sweep.{csv,json,md}."""
-    from vlmrel_core.analysis.probes import sweep_layers, write_sweep
     from vlmrel_core.analysis.splits import SplitSpec
+    from vlmrel_core.analysis.sweep import sweep_layers, write_sweep
     from vlmrel_core.engine.store import RunReader
 
     reader = RunReader(args.run_dir)
-    sweep = sweep_layers(reader, _poolings(args.poolings), SplitSpec(args.grouping, args.test_fraction, 0.0, args.seed),
-                         seed=args.seed, n_boot=args.n_boot, c_grid=args.c_grid)
+    with tqdm_progress("vlmrel sweep", unit="probe") as progress:
+        sweep = sweep_layers(reader, _poolings(args.poolings),
+                             SplitSpec(args.grouping, args.test_fraction, 0.0, args.seed),
+                             seed=args.seed, n_boot=args.n_boot, c_grid=args.c_grid, progress=progress)
     out = Path(args.out) if args.out else Path(args.run_dir) / "analysis" / f"sweep-{args.grouping}"
     paths = write_sweep(sweep, out)
     summary = sweep.to_dict()
@@ -58,11 +61,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Table 7 (signals + controls), gains, claims, transfer, per-layer signals; CSV + Markdown + JSON."""
-    from vlmrel_core.analysis.report import build_report, write_report
+    from vlmrel_core.analysis.report import build_report
+    from vlmrel_core.analysis.report_io import write_report
 
-    report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
-                          poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=args.c_grid,
-                          transfer=not args.no_transfer)
+    with tqdm_progress("vlmrel report", unit="step") as progress:
+        report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
+                              poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=args.c_grid,
+                              transfer=not args.no_transfer, progress=progress)
     paths = write_report(report, args.out, save_probes=not args.no_save_probes)
     from vlmrel_core.figures.html_report import write_html_report
 

@@ -1,5 +1,6 @@
 """`vlmrel ablate`: batch ablation / patch-masking study for one model or two side by side. Parsing and printing
-only; the work is `interventions.run_ablation_study`.
+only; the work is `interventions.study.run_ablation_study`
+(layers chosen by `interventions.ablation.ablation_layers`).
 
 Wired into `vlmrel` by `register(subparsers)`.
 """
@@ -12,18 +13,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+<<<<<<< HEAD
 from vlmrel_core.samples.catalog import SampleCatalog, cli_path
 
 DEFAULT_LATE = cli_path(SampleCatalog.locate(check=False).model_dir("late_fusion", check=False))
+=======
+from vlmrel_core.io import atomic_write_text
+
+DEFAULT_LATE = "sample_data/models/late_fusion"
+>>>>>>> h-analysis
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmrel_core.engine.capture import resolve_layers
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.interventions.core import load_probe_weights, run_ablation_study, side_by_side
     from vlmrel_core.engine.loading import load_vlm
+    from vlmrel_core.interventions.ablation import ablation_layers, load_ablation_probe
+    from vlmrel_core.interventions.study import run_ablation_study, side_by_side
+    from vlmrel_core.progress import tqdm_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -31,41 +39,33 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     weight_paths = args.weights
     if len(weight_paths) != len(models):
         raise ValueError(f"give one --weights per --model ({len(models)} models, {len(weight_paths)} weights)")
-    layers_given = args.layer or []
-    if len(layers_given) not in (0, 1, len(models)):
-        raise ValueError(f"give --layer once, once per --model, or not at all (read from the probe); got {len(layers_given)}")
     samples = load_vqa_jsonl(args.data, args.image_root)
     if args.limit is not None:
         samples = samples[: args.limit]
     masking = args.mask_fraction > 0
     loaded_models: dict[str, Any] = {}
-    layers: dict[str, int] = {}
-    weights: dict[str, Any] = {}
+    probes: dict[str, Any] = {}
     for i, (model_path, weight_path) in enumerate(zip(models, weight_paths)):
         loaded = load_vlm(model_path, device=args.device, dtype=args.dtype,
                           attn_implementation="eager" if masking else args.attn_implementation)
         name = Path(model_path).name or str(model_path)
         if name in loaded_models:
             name = f"{name}#{i}"
-        probe = load_probe_weights(weight_path, loaded)
-        if layers_given:
-            layer = layers_given[0] if len(layers_given) == 1 else layers_given[i]
-            if probe.layer is not None and resolve_layers(loaded.n_layers, [probe.layer]) != resolve_layers(loaded.n_layers, [layer]):
-                print(f"vlmrel ablate: warning: {weight_path} is a probe of layer {probe.layer}, ablating layer {layer}",
-                      file=sys.stderr)
-        elif probe.layer is not None:
-            layer = probe.layer
-        else:
-            raise ValueError(f"{weight_path} records no layer; pass --layer")
-        loaded_models[name], layers[name], weights[name] = loaded, layer, probe.weights
-    table = run_ablation_study(
-        loaded_models, samples, layers, weights, ks=args.k, random_fraction=args.random_fraction or None,
-        modes=args.mode, mask_fraction=args.mask_fraction if masking else None, n_random_draws=args.random_draws,
-        n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-    )
+        loaded_models[name], probes[name] = loaded, load_ablation_probe(weight_path, loaded)
+    layers, warnings = ablation_layers(probes, {n: m.n_layers for n, m in loaded_models.items()}, args.layer or [])
+    for warning in warnings:
+        print(f"vlmrel ablate: warning: {warning}", file=sys.stderr)
+    with tqdm_progress("vlmrel ablate", unit="pass") as progress:
+        table = run_ablation_study(
+            loaded_models, samples, layers, {n: p.weights for n, p in probes.items()}, ks=args.k,
+            random_fraction=args.random_fraction or None, modes=args.mode,
+            mask_fraction=args.mask_fraction if masking else None, n_random_draws=args.random_draws,
+            n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    atomic_write_text(out, table.to_csv(index=False))
     overall = side_by_side(table[table["question_type"] == "all"])
     print(overall.to_string(index=False))
     print(json.dumps({"out": str(out), "n_questions": len(samples), "models": list(loaded_models), "layers": layers}))
@@ -85,7 +85,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--data", required=True, help="POPE/VQA JSONL (held-out questions)")
     p.add_argument("--image-root", default=None, help="folder the JSONL's image paths are relative to (default: its folder)")
     p.add_argument("--weights", action="append", required=True,
-                   help="probe directory (its one .safetensors file, key 'coef') or a .safetensors file; one per --model")
+                   help="probe directory saved by vlmrel (probe.json + probe.safetensors, e.g. REPORT/probes/<run>); one per --model")
     p.add_argument("--layer", action="append", type=int, default=None,
                    help="decoder layer to ablate (0-based, negative from the end); default: the probe's layer")
     p.add_argument("--k", action="append", type=int, default=None, help="top-k dims to ablate (repeatable; default 5)")

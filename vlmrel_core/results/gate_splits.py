@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from vlmrel_core.analysis.metrics import (
-    Estimate, _bootstrap_distribution, brier_score, expected_calibration_error, max_calibration_error,
+    Estimate, bootstrap_replicates, brier_score, expected_calibration_error, max_calibration_error,
     percentile_interval,
 )
 from vlmrel_core.analysis.splits import SplitSpec, make_split
@@ -124,27 +124,59 @@ def certify_on_split(scores: GateSplitScores, target_risk: float, delta: float =
     )
 
 
+def _binned_sums(bin_ids: np.ndarray, values: np.ndarray, n_bins: int) -> np.ndarray:
+    """(b, n_bins) per-resample sums of ``values`` over each bin, for a (b, n) matrix of bin ids."""
+    b = bin_ids.shape[0]
+    flat = (bin_ids + n_bins * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, weights=values.ravel(), minlength=b * n_bins).reshape(b, n_bins)
+
+
 def calibration_metric_cis(
     correct: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, n_bins: int = N_BINS,
     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
 ) -> dict[str, Estimate]:
     """ECE, MCE (uniform bins, as the gate report) and Brier with percentile-bootstrap (1 - alpha) intervals over
-    rows. The point values equal the report's; resampling rows is what a different eval draw would change."""
-    labels = np.asarray(correct).astype(np.int64)
+    rows. The point values are the report's (`analysis.metrics`); the resamples are binned the same way, vectorised
+    (a bin's |accuracy - confidence| x count is |sum correct - sum confidence|)."""
+    labels = np.asarray(correct).astype(np.float64)
     probs = np.asarray(prob, dtype=np.float64)
     if labels.shape != probs.shape or labels.ndim != 1 or labels.size < 2:
         raise ValueError(f"correct {labels.shape} and prob {probs.shape} must be equal 1-d arrays of >= 2 rows")
-    funcs = {
-        "ece": lambda y, p: expected_calibration_error(y, p, n_bins=n_bins, strategy="uniform"),
-        "mce": lambda y, p: max_calibration_error(y, p, n_bins=n_bins, strategy="uniform"),
-        "brier": brier_score,
+    if not np.isin(labels, (0.0, 1.0)).all() or not ((probs >= 0) & (probs <= 1)).all():
+        raise ValueError("correct must be 0/1 and prob must be probabilities in [0, 1]")
+    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], probs)
+    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def sums(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = id(idx)  # the three statistics see the same index blocks (same seed): bin them once
+        if key not in cache:
+            cache.clear()
+            ids = bins[idx]
+            cache[key] = (_binned_sums(ids, np.ones(idx.shape), n_bins), _binned_sums(ids, probs[idx], n_bins),
+                          _binned_sums(ids, labels[idx], n_bins))
+        return cache[key]
+
+    def ece(idx: np.ndarray) -> np.ndarray:
+        _, p, y = sums(idx)
+        return np.abs(y - p).sum(axis=1) / idx.shape[1]
+
+    def mce(idx: np.ndarray) -> np.ndarray:
+        t, p, y = sums(idx)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nanmax(np.where(t > 0, np.abs(y - p) / t, np.nan), axis=1)
+
+    def brier(idx: np.ndarray) -> np.ndarray:
+        return ((probs[idx] - labels[idx]) ** 2).mean(axis=1)
+
+    points = {
+        "ece": expected_calibration_error(labels, probs, n_bins=n_bins, strategy="uniform"),
+        "mce": max_calibration_error(labels, probs, n_bins=n_bins, strategy="uniform"),
+        "brier": brier_score(labels, probs),
     }
     out = {}
-    for name, func in funcs.items():
-        def batch(idx: np.ndarray, func=func) -> np.ndarray:
-            return np.array([func(labels[row], probs[row]) for row in idx])
-        replicates = _bootstrap_distribution(labels.size, batch, n_boot, seed)
-        out[name] = Estimate(float(func(labels, probs)), *percentile_interval(replicates, alpha))
+    for name, statistic in (("ece", ece), ("mce", mce), ("brier", brier)):
+        replicates = bootstrap_replicates(labels.size, statistic, n_boot, seed)
+        out[name] = Estimate(float(points[name]), *percentile_interval(replicates, alpha))
     return out
 
 

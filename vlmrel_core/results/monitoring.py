@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, RootModel, model_validator
 
-from vlmrel_core.interventions.core import TABLE_COLUMNS
+from vlmrel_core.interventions.study import TABLE_COLUMNS
 from vlmrel_core.results.files import ResultsError, read_csv_table, read_json_object, validate
 
 DRIFT_FILE = "drift.json"

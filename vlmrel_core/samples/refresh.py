@@ -48,14 +48,15 @@ def _live_gate_run(gate: Any, data_path: Path) -> dict[str, Any]:
 def write_ablation_tables(root: Path, n_questions: int = 800) -> list[Path]:
     """Late vs early fusion side by side: top-5 probe dims, random-5, random 50% of dims, and patch masking."""
     from vlmrel_core.data.loader import load_vqa_jsonl
-    from vlmrel_core.interventions.core import load_probe_weights, run_ablation_study
+    from vlmrel_core.interventions.ablation import load_ablation_probe
+    from vlmrel_core.interventions.study import run_ablation_study
     from vlmrel_core.engine.loading import load_vlm
 
     catalog = SampleCatalog(Path(root))
     loaded, layers, weights = {}, {}, {}
     for family in FAMILIES:
         loaded[family] = load_vlm(catalog.model_dir(family), attn_implementation="eager")
-        probe = load_probe_weights(catalog.report_probe_dir(family, "adversarial"), loaded[family])
+        probe = load_ablation_probe(catalog.report_probe_dir(family, "adversarial"), loaded[family])
         layers[family], weights[family] = probe.layer, probe.weights
     written = []
     catalog.ablation_dir(check=False).mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,8 @@ def refresh_family(
     from vlmrel_core.gate.fit import build_gate_from_run
     from vlmrel_core.io import write_json
     from vlmrel_core.engine.loading import load_vlm
-    from vlmrel_core.analysis.report import build_report, write_report
+    from vlmrel_core.analysis.report import build_report
+    from vlmrel_core.analysis.report_io import write_report
 
     if threads:
         import torch

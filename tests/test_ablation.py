@@ -1,4 +1,5 @@
-import json
+"""Per-call dimension ablation hooks (thread isolation, exact zero/mean values), choosing dims, the probe to follow."""
+
 import threading
 from types import SimpleNamespace
 
@@ -6,15 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from vlmrel_core.interventions import core as iv
 from vlmrel_core.engine.capture import TokenLayout, capture
-from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.data.shapes import make_scene, render_scene
-from vlmrel_core.engine.adapters.base import is_correct
 from vlmrel_core.engine.run import run_batch
+from vlmrel_core.interventions import ablation, study
 
 QUESTIONS = ["is there a red circle in the image?", "how many squares are there?", "what colour is the cross?"]
 
@@ -39,13 +37,13 @@ def test_hooks_are_removed_after_the_block_even_on_error(tiny_loaded):
     images = [render_scene(make_scene(0))]
     plain = run_batch(loaded, images, QUESTIONS[:1], max_new_tokens=2)
     before = _hook_counts(loaded)
-    with iv.ablate_dimensions(loaded, 1, range(0, 128, 2)):
+    with ablation.ablate_dimensions(loaded, 1, range(0, 128, 2)):
         assert sum(_hook_counts(loaded)) == sum(before) + 1
         inside = run_batch(loaded, images, QUESTIONS[:1], max_new_tokens=2)
     assert _hook_counts(loaded) == before
     assert not np.array_equal(inside.states["last_token"][:, 2], plain.states["last_token"][:, 2])
     with pytest.raises(RuntimeError, match="boom"):
-        with iv.ablate_dimensions(loaded, 1, [3]):
+        with ablation.ablate_dimensions(loaded, 1, [3]):
             raise RuntimeError("boom")
     assert _hook_counts(loaded) == before
     after = run_batch(loaded, images, QUESTIONS[:1], max_new_tokens=2)
@@ -60,7 +58,7 @@ def test_zeroed_dims_are_exactly_zero_in_the_captured_layer_output(tiny_loaded, 
     with torch.no_grad():
         with capture(loaded.model, loaded.adapter, layout) as plain:
             loaded.model(**inputs)
-        with iv.ablate_dimensions(loaded, 1, dims), capture(loaded.model, loaded.adapter, layout) as ablated:
+        with ablation.ablate_dimensions(loaded, 1, dims), capture(loaded.model, loaded.adapter, layout) as ablated:
             loaded.model(**inputs)
     keep = np.setdiff1d(np.arange(128), dims)
     for pooling in ("last_token", "mean_all", "mean_image", "mean_text"):
@@ -76,7 +74,7 @@ def test_mean_mode_sets_the_given_means_and_applies_in_decode_steps(tiny_loaded)
     _, inputs, layout = _inputs_and_layout(loaded)
     means = np.linspace(-2.0, 2.0, 128).astype(np.float32)
     dims = [1, 2, 64]
-    with torch.no_grad(), iv.ablate_dimensions(loaded, -2, dims, mode="mean", means=means), \
+    with torch.no_grad(), ablation.ablate_dimensions(loaded, -2, dims, mode="mean", means=means), \
             capture(loaded.model, loaded.adapter, layout) as captured:
         loaded.model(**inputs)
     np.testing.assert_array_equal(captured.states["last_token"][:, 2, dims].numpy(), np.broadcast_to(means[dims], (3, 3)))
@@ -87,7 +85,7 @@ def test_mean_mode_sets_the_given_means_and_applies_in_decode_steps(tiny_loaded)
     layer = loaded.adapter.decoder_layers(loaded.model)[2]
     handle = layer.register_forward_hook(lambda m, a, out: seen.append((out.shape[1], out[..., dims].clone())))
     try:
-        with torch.no_grad(), iv.ablate_dimensions(loaded, 2, dims, mode="mean", means=[7.0, 8.0, 9.0]):
+        with torch.no_grad(), ablation.ablate_dimensions(loaded, 2, dims, mode="mean", means=[7.0, 8.0, 9.0]):
             loaded.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     finally:
         handle.remove()
@@ -105,7 +103,7 @@ def test_concurrent_threads_on_one_model_never_see_each_others_ablation(tiny_loa
         return run_batch(loaded, images, QUESTIONS[:2], max_new_tokens=3)
 
     def ablated_call():
-        with iv.ablate_dimensions(loaded, 0, dims):
+        with ablation.ablate_dimensions(loaded, 0, dims):
             return run_batch(loaded, images, QUESTIONS[:2], max_new_tokens=3)
 
     before = _hook_counts(loaded)
@@ -171,7 +169,7 @@ def test_planted_direction_is_top_ranked_and_ablating_it_drops_a_known_amount():
     states[np.arange(160), reads] = np.where(labels, 2.0, -2.0) + rng.normal(0.0, 0.1, 160)
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0)).fit(states[:80], labels[:80])
-    top = iv.top_k_dimensions(probe[-1].coef_[0], 1)
+    top = ablation.top_k_dimensions(probe[-1].coef_[0], 1)
     assert top.tolist() == [planted]
 
     toy = _ToyDecoder()
@@ -183,120 +181,38 @@ def test_planted_direction_is_top_ranked_and_ablating_it_drops_a_known_amount():
         return (out[np.arange(160), reads] > 0) == labels
 
     baseline = correctness()
-    with iv.ablate_dimensions(loaded, 0, top):
+    with ablation.ablate_dimensions(loaded, 0, top):
         ablated = correctness()
-    with iv.ablate_dimensions(loaded, 0, iv.random_dimensions(d, k=1, seed=3, exclude=[planted, other])):
+    with ablation.ablate_dimensions(loaded, 0, ablation.random_dimensions(d, k=1, seed=3, exclude=[planted, other])):
         control = correctness()
     assert baseline.all()
-    effect = iv.ablation_effect(baseline, ablated, types, n_boot=500, seed=1).set_index("question_type")
+    effect = study.ablation_effect(baseline, ablated, types, n_boot=500, seed=1).set_index("question_type")
     # every existence "yes" flips to "no": -30/80 = -37.5 pp there, -30/160 = -18.75 pp overall, 0 on count
     assert effect.loc["existence", "delta_pp"] == pytest.approx(-37.5)
     assert effect.loc["all", "delta_pp"] == pytest.approx(-18.75)
     assert effect.loc["count", "delta_pp"] == 0.0 and effect.loc["count", "ci_low_pp"] == 0.0
     assert effect.loc["existence", "ci_low_pp"] < -37.5 < effect.loc["existence", "ci_high_pp"] < 0
-    control_effect = iv.ablation_effect(baseline, control, types, n_boot=200)
+    control_effect = study.ablation_effect(baseline, control, types, n_boot=200)
     assert (control_effect["delta_pp"] == 0).all()
-
-
-# ------------------------------------------------------------------------------------------ effect and CI
-
-
-def test_ablation_effect_known_differences_and_paired_ci():
-    n = 400
-    base = np.ones(n, dtype=int)
-    ablated = base.copy()
-    ablated[:40] = 0  # -10 pp overall
-    types = np.array(["a"] * 200 + ["b"] * 200)  # all flips in "a": -20 pp there, 0 in "b"
-    table = iv.ablation_effect(base, ablated, types, n_boot=1000, seed=0)
-    assert table["question_type"].tolist() == ["all", "a", "b"]
-    assert table["n"].tolist() == [400, 200, 200]
-    np.testing.assert_allclose(table["delta_pp"], [-10.0, -20.0, 0.0])
-    low, high = table.loc[0, ["ci_low_pp", "ci_high_pp"]]
-    assert low < -10 < high and high - low < 8  # binomial SE of 10% flips at n=400 is 1.5 pp
-    pd.testing.assert_frame_equal(table, iv.ablation_effect(base, ablated, types, n_boot=1000, seed=0))
-    same = iv.ablation_effect(base, base)
-    assert same[["delta_pp", "ci_low_pp", "ci_high_pp"]].to_numpy().tolist() == [[0.0, 0.0, 0.0]]
-
-    # coverage: the paired 95% CI contains the true population difference in about 95% of repeated experiments
-    # (baseline 80% right; ablation forces 10% of answers wrong and 5% right: E[a - b] = 0.05 - 0.15 * 0.8 = -7 pp)
-    rng = np.random.default_rng(7)
-    hits = 0
-    for trial in range(150):
-        b = rng.random(300) < 0.8
-        u = rng.random(300)
-        a = np.where(u < 0.10, False, np.where(u < 0.15, True, b))
-        row = iv.ablation_effect(b, a, n_boot=400, seed=trial).iloc[0]
-        hits += row.ci_low_pp <= -7.0 <= row.ci_high_pp
-    assert 0.88 <= hits / 150 <= 0.995, hits
-
-    with pytest.raises(ValueError, match="same questions"):
-        iv.ablation_effect(base, ablated[:10])
-    with pytest.raises(ValueError, match="0/1"):
-        iv.ablation_effect(base * 2, ablated)
-    with pytest.raises(ValueError, match="question types"):
-        iv.ablation_effect(base, ablated, ["a"])
 
 
 def test_top_k_and_random_dimensions():
     w = np.array([0.1, -3.0, 2.0, 0.0, -2.0, 0.5])
-    assert iv.top_k_dimensions(w, 3).tolist() == [1, 2, 4]  # |w| desc, ties by lower index
-    assert iv.top_k_dimensions(w.reshape(1, -1), 0).tolist() == []
-    assert iv.top_k_dimensions(w, 2, feature_std=np.array([100.0, 1, 1, 1, 1, 1])).tolist() == [0, 1]
-    r = iv.random_dimensions(100, k=5, seed=1, exclude=[0, 1, 2])
-    assert r.size == 5 and not set(r) & {0, 1, 2} and r.tolist() == iv.random_dimensions(100, k=5, seed=1, exclude=[0, 1, 2]).tolist()
-    assert iv.random_dimensions(128, fraction=0.5, seed=0).size == 64
-    assert np.unique(iv.random_dimensions(128, fraction=1.0)).size == 128
+    assert ablation.top_k_dimensions(w, 3).tolist() == [1, 2, 4]  # |w| desc, ties by lower index
+    assert ablation.top_k_dimensions(w.reshape(1, -1), 0).tolist() == []
+    assert ablation.top_k_dimensions(w, 2, feature_std=np.array([100.0, 1, 1, 1, 1, 1])).tolist() == [0, 1]
+    r = ablation.random_dimensions(100, k=5, seed=1, exclude=[0, 1, 2])
+    assert r.size == 5 and not set(r) & {0, 1, 2} and r.tolist() == ablation.random_dimensions(100, k=5, seed=1, exclude=[0, 1, 2]).tolist()
+    assert ablation.random_dimensions(128, fraction=0.5, seed=0).size == 64
+    assert np.unique(ablation.random_dimensions(128, fraction=1.0)).size == 128
     with pytest.raises(ValueError, match="k must be"):
-        iv.top_k_dimensions(w, 7)
+        ablation.top_k_dimensions(w, 7)
     with pytest.raises(ValueError, match="fraction"):
-        iv.random_dimensions(10, fraction=0.0)
+        ablation.random_dimensions(10, fraction=0.0)
     with pytest.raises(ValueError, match="fraction"):
-        iv.random_dimensions(10, fraction=1.5)
+        ablation.random_dimensions(10, fraction=1.5)
     with pytest.raises(ValueError, match="exactly one"):
-        iv.random_dimensions(10, k=2, fraction=0.5)
-
-
-# ------------------------------------------------------------------------------------------ patch masking
-
-
-def test_patch_masking_greys_the_highest_lowest_or_random_30_percent():
-    white = Image.new("RGB", (64, 64), (255, 255, 255))
-    attention = np.random.default_rng(0).permutation(64).astype(float).reshape(8, 8)
-    assert iv.n_masked_patches(64, 0.3) == 19 and iv.n_masked_patches(576, 0.3) == 173 and iv.n_masked_patches(256, 0.3) == 77
-    for which, expected in (("high", attention >= 64 - 19), ("low", attention < 19)):
-        (masked,), (mask,) = iv.mask_image_patches([white], [attention], (8, 8), 0.3, which)
-        assert mask.sum() == 19
-        np.testing.assert_array_equal(mask, expected)
-        pixels = np.asarray(masked)
-        cells = pixels.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4)  # (row, col, y, x, rgb)
-        assert (cells[mask] == 128).all() and (cells[~mask] == 255).all()
-    # a row-major vector over image tokens is the same map
-    _, (vec_mask,) = iv.mask_image_patches([white], [attention.reshape(-1)], (8, 8), 0.3, "high")
-    np.testing.assert_array_equal(vec_mask, attention >= 45)
-    _, masks_a = iv.mask_image_patches([white, white], None, (8, 8), 0.3, "random", seed=4)
-    _, masks_b = iv.mask_image_patches([white, white], None, (8, 8), 0.3, "random", seed=4)
-    _, masks_c = iv.mask_image_patches([white, white], None, (8, 8), 0.3, "random", seed=5)
-    assert all(m.sum() == 19 for m in masks_a)
-    assert all(np.array_equal(a, b) for a, b in zip(masks_a, masks_b))
-    assert not all(np.array_equal(a, c) for a, c in zip(masks_a, masks_c))
-    assert np.asarray(white).min() == 255  # the input is not modified
-    # a size the grid does not divide: cells still tile the whole image
-    (full,), _ = iv.mask_image_patches([Image.new("RGB", (70, 50), (0, 0, 0))], None, (8, 8), 1.0, "random")
-    assert (np.asarray(full) == 128).all()
-
-    with pytest.raises(ValueError, match="fraction"):
-        iv.mask_image_patches([white], [attention], (8, 8), 0.0)
-    with pytest.raises(ValueError, match="fraction"):
-        iv.mask_image_patches([white], [attention], (8, 8), 1.2)
-    with pytest.raises(ValueError, match="expected"):
-        iv.mask_image_patches([white], [attention[:4]], (8, 8))
-    with pytest.raises(ValueError, match="needs attention"):
-        iv.mask_image_patches([white], None, (8, 8), which="high")
-    with pytest.raises(ValueError, match="unknown masking"):
-        iv.mask_image_patches([white], [attention], (8, 8), which="top")
-
-
-# ------------------------------------------------------------------------------------------ bad inputs
+        ablation.random_dimensions(10, k=2, fraction=0.5)
 
 
 def test_bad_ablation_inputs_raise_clear_errors(tiny_loaded):
@@ -315,50 +231,15 @@ def test_bad_ablation_inputs_raise_clear_errors(tiny_loaded):
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            with iv.ablate_dimensions(loaded, **kwargs):
+            with ablation.ablate_dimensions(loaded, **kwargs):
                 pass
     assert _hook_counts(loaded) == before
 
 
-# ------------------------------------------------------------------------------------------ evaluation, study, CLI
+# ------------------------------------------------------------------------------------------ the probe, layers, CLI
 
 
-def test_evaluate_accuracy_and_study_on_both_tiny_models(tiny_loaded, tiny_dataset):
-    samples = load_vqa_jsonl(tiny_dataset)[:6]
-    images = [s.load_image() for s in samples]
-    late = tiny_loaded["late_fusion"]
-    record = run_batch(late, images, [s.question for s in samples])
-    expected = np.array([is_correct(a, s.label) for a, s in zip(record.answer, samples)])
-    np.testing.assert_array_equal(iv.evaluate_accuracy(late, samples, batch_size=4), expected)
-    everything = iv.DimensionAblation(layer=-1, dims=tuple(range(128)))
-    before = _hook_counts(late)  # transformers may keep output-recording hooks of its own
-    ablated = iv.evaluate_accuracy(late, samples, everything, images=images, batch_size=4)
-    assert ablated.dtype == bool and ablated.shape == (6,)
-    assert _hook_counts(late) == before
-    states = run_batch(late, images, [s.question for s in samples], layers=[1], poolings=("mean_all",)).states["mean_all"]
-    np.testing.assert_allclose(iv.layer_means(late, samples, 1, images=images, batch_size=4), states[:, 0].mean(0), rtol=1e-5, atol=1e-6)
-
-    weights = np.zeros(128)
-    weights[[9, 3]] = [2.0, -1.0]
-    table = iv.run_ablation_study(tiny_loaded, samples, {"late_fusion": -1, "early_fusion": 2}, weights, ks=(2,),
-                                  modes=("zero", "mean"), n_boot=100, images=images)
-    assert list(table.columns) == iv.TABLE_COLUMNS
-    assert set(table["model"]) == {"late_fusion", "early_fusion"}
-    assert set(table["fusion"]) == {"late", "early"}
-    conditions = {"top_k", "random_k", "random_fraction", "mask_high", "mask_low", "mask_random"}
-    for _, rows in table.groupby("model"):
-        assert set(rows["condition"]) == conditions
-        assert (rows["question_type"] == "all").sum() == 7  # top_k x 2 modes + random_k + fraction + 3 masks
-    overall = table[(table.model == "late_fusion") & (table.question_type == "all")]
-    assert (overall["baseline_acc"] == expected.mean()).all()
-    assert overall.loc[overall.condition == "random_fraction", "n_dims"].item() == 64
-    assert set(table["layer"].dropna()) == {3, 2}  # -1 resolved to 3; patch masking has no layer
-    assert ((table["ci_low_pp"] <= table["delta_pp"]) & (table["delta_pp"] <= table["ci_high_pp"])).all()
-    wide = iv.side_by_side(table)
-    assert list(wide.columns)[-2:] == ["late_fusion", "early_fusion"] and len(wide) == len(table) // 2
-
-
-def test_probe_weights_and_cli(tiny_loaded, tiny_model_dirs, tiny_dataset, tmp_path, capsys):
+def test_ablation_probe_layers_and_cli(tiny_loaded, tiny_model_dirs, tiny_dataset, tmp_path, capsys):
     from safetensors.numpy import save_file
 
     from vlmrel_core.cli.main import main
@@ -371,38 +252,48 @@ def test_probe_weights_and_cli(tiny_loaded, tiny_model_dirs, tiny_dataset, tmp_p
     states[:, 9] += 3.0 * labels  # planted: dim 9 carries the label
     probe = fit_probe(states, labels, groups=np.arange(60) // 2, c_grid=(1.0,), n_folds=3, kind="single_layer",
                       layers=[2], pooling="last_token", model_fingerprint=loaded.fingerprint).save(tmp_path / "probe")
-    weights = iv.load_probe_weights(probe, loaded)
-    assert weights.layer == 2 and iv.top_k_dimensions(weights.weights, 1).tolist() == [9]
-    assert iv.load_probe_weights(probe / "probe.safetensors", loaded).layer == 2
+    weights = ablation.load_ablation_probe(probe, loaded)
+    assert weights.layer == 2 and ablation.top_k_dimensions(weights.weights, 1).tolist() == [9]
+    assert ablation.load_ablation_probe(probe / "probe.safetensors", loaded).layer == 2
 
     out = tmp_path / "ablate.csv"
     rc = main(["ablate", "--model", str(tiny_model_dirs["late_fusion"]), "--data", str(tiny_dataset), "--weights", str(probe),
                "--k", "2", "--limit", "4", "--n-boot", "50", "--mask-fraction", "0", "--random-fraction", "0", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
     table = pd.read_csv(out)
     assert set(table["condition"]) == {"top_k", "random_k"} and set(table["layer"]) == {2} and set(table["k"]) == {2}
 
     # a probe of another model is refused, through the library and the CLI
     early = tiny_loaded["early_fusion"]
     with pytest.raises(ValueError, match="fingerprint mismatch"):
-        iv.load_probe_weights(probe, early)
+        ablation.load_ablation_probe(probe, early)
     rc = main(["ablate", "--model", str(tiny_model_dirs["early_fusion"]), "--data", str(tiny_dataset), "--weights", str(probe),
                "--out", str(out)])
     assert rc == 2 and "fingerprint mismatch" in capsys.readouterr().err
 
-    # a bare safetensors file with a 'coef' tensor (and optional JSON beside it); never .npy / pickle
+    # only probes saved by vlmrel are read (checksummed); bare weight files, .npy or pickle never
     coef = np.zeros((1, 128), dtype=np.float32)
     coef[0, [7, 8, 9]] = [3.0, -2.0, 1.0]
     save_file({"coef": coef}, str(tmp_path / "w.safetensors"))
-    (tmp_path / "w.json").write_text(json.dumps({"layer": 1, "model_fingerprint": loaded.fingerprint}))
-    bare = iv.load_probe_weights(tmp_path / "w.safetensors", loaded)
-    assert bare.layer == 1 and iv.top_k_dimensions(bare.weights, 2).tolist() == [7, 8]
-    with pytest.raises(ValueError, match="fingerprint mismatch"):
-        iv.load_probe_weights(tmp_path / "w.safetensors", early)
+    with pytest.raises(ValueError, match="bare weight files"):
+        ablation.load_ablation_probe(tmp_path / "w.safetensors", loaded)
     np.save(tmp_path / "w.npy", coef)
-    with pytest.raises(ValueError, match="safetensors only"):
-        iv.load_probe_weights(tmp_path / "w.npy")
-    save_file({"coef": np.zeros(256, dtype=np.float32)}, str(tmp_path / "w.safetensors"))
-    (tmp_path / "w.json").write_text("{}")
-    with pytest.raises(ValueError, match="hidden size is 128"):
-        iv.load_probe_weights(tmp_path / "w.safetensors", loaded)
+    with pytest.raises(ValueError, match="bare weight files"):
+        ablation.load_ablation_probe(tmp_path / "w.npy")
+    with pytest.raises(ValueError, match="not a saved probe"):
+        ablation.load_ablation_probe(tmp_path, loaded)
+    concat = fit_probe(np.concatenate([states, states], axis=1), labels, groups=np.arange(60) // 2, c_grid=(1.0,),
+                       n_folds=3, kind="concat_layers", layers=[1, 2], hidden_size=128, pooling="last_token",
+                       model_fingerprint=loaded.fingerprint).save(tmp_path / "concat")
+    with pytest.raises(ValueError, match="single-layer probe"):
+        ablation.load_ablation_probe(concat, loaded)
+
+    # the layer to ablate: the probe's, unless given (once, or once per model); a different one warns
+    probes = {"late": weights}
+    assert ablation.ablation_layers(probes, {"late": 4}) == ({"late": 2}, [])
+    assert ablation.ablation_layers(probes, {"late": 4}, [-2]) == ({"late": -2}, [])
+    layers, warnings = ablation.ablation_layers(probes, {"late": 4}, [1])
+    assert layers == {"late": 1} and len(warnings) == 1 and "probe of layer 2, ablating layer 1" in warnings[0]
+    with pytest.raises(ValueError, match="once per model"):
+        ablation.ablation_layers(probes, {"late": 4}, [1, 2])

@@ -1,0 +1,341 @@
+"""The intervention study: accuracy with and without an ablation or a patch mask, and the change with a paired CI.
+
+Why paired: each bootstrap resample draws the same questions for the ablated and the unablated run, so the CI
+reflects per-question flips, not two independent accuracies. `run_ablation_study` runs every condition for one
+model or several side by side and returns one tidy table (`TABLE_COLUMNS`; the CSV that `vlmrel ablate` writes).
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from vlmrel_core.analysis.metrics import bootstrap_replicates, percentile_interval
+from vlmrel_core.data.loader import VQASample
+from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.capture import resolve_layers
+from vlmrel_core.engine.run import run_batch
+from vlmrel_core.interventions.ablation import (
+    ABLATION_MODES, DimensionAblation, random_dimensions, top_k_dimensions,
+)
+from vlmrel_core.interventions.masking import MASK_WHICH, attention_grids, mask_image_patches
+from vlmrel_core.progress import Progress, report
+
+UNTYPED = "untyped"
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class _EvalResult:
+    correct: np.ndarray  # (n,) bool
+    answers: list[str]
+    attention_maps: list[np.ndarray] | None = None
+    grids: list[tuple[int, int]] | None = None
+    state_means: np.ndarray | None = None  # (d,) mean over samples of the layer's mean over real positions
+
+
+def _question_type(sample: VQASample) -> str:
+    return str(sample.metadata.get("question_type", UNTYPED))
+
+
+def _evaluate(
+    loaded: Any,
+    samples: Sequence[VQASample],
+    images: Sequence[Image.Image] | None,
+    context: Callable[[], ContextManager[None]] | None,
+    batch_size: int,
+    max_new_tokens: int,
+    attentions: bool = False,
+    mean_layer: int | None = None,
+) -> _EvalResult:
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images is not None and len(images) != len(samples):
+        raise ValueError(f"{len(images)} images for {len(samples)} samples")
+    if mean_layer is not None:
+        mean_index = resolve_layers(loaded.n_layers, [mean_layer])[0]
+        layers: list[int] | None = [mean_index]
+        poolings: tuple[str, ...] = ("mean_all",)
+    else:
+        layers, poolings = [-1], ("last_token",)
+    if attentions:
+        layers = None  # the attention map is averaged over every layer
+        poolings = ("mean_all",) if mean_layer is not None else ("last_token",)
+    correct, answers, maps, grids = [], [], [], []
+    state_sum, n_states = None, 0
+    with context() if context is not None else nullcontext():
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            batch_images = list(images[start : start + batch_size]) if images is not None else [s.load_image() for s in batch]
+            record = run_batch(loaded, batch_images, [s.question for s in batch], layers=layers, poolings=poolings,
+                               attentions=attentions, logit_lens=False, max_new_tokens=max_new_tokens)
+            answers += record.answer
+            correct += [is_correct(a, s.label) for a, s in zip(record.answer, batch)]
+            if attentions:
+                maps += attention_grids(record.attentions, record.image_grids)
+                grids += record.image_grids
+            if mean_layer is not None:
+                position = record.layers.index(mean_index)
+                states = record.states["mean_all"][:, position].astype(np.float64)
+                state_sum = states.sum(axis=0) if state_sum is None else state_sum + states.sum(axis=0)
+                n_states += states.shape[0]
+    return _EvalResult(
+        correct=np.asarray(correct, dtype=bool),
+        answers=answers,
+        attention_maps=maps if attentions else None,
+        grids=grids if attentions else None,
+        state_means=state_sum / n_states if state_sum is not None else None,
+    )
+
+
+def _as_context(loaded: Any, intervention: Any) -> Callable[[], ContextManager[None]] | None:
+    if intervention is None:
+        return None
+    if isinstance(intervention, DimensionAblation):
+        return lambda: intervention(loaded)
+    if callable(intervention):
+        return intervention
+    raise TypeError(f"intervention must be a DimensionAblation or a zero-argument context-manager factory, got {type(intervention).__name__}")
+
+
+def evaluate_accuracy(
+    loaded: Any,
+    samples: Sequence[VQASample],
+    intervention: DimensionAblation | Callable[[], ContextManager[None]] | None = None,
+    images: Sequence[Image.Image] | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> np.ndarray:
+    """Per-sample correctness (bool array) of the greedy answers, with ``intervention`` active around every call.
+
+    The cheap path the live slider uses: one generate per batch through `run_batch`, capturing only the last
+    layer's last token, no attentions and no logit lens. Pass ``images`` (pre-loaded or masked) to skip reading
+    PNGs; correctness is `extract.is_correct` on the lenient-normalised answer, as in the extraction cache.
+    """
+    return _evaluate(loaded, samples, images, _as_context(loaded, intervention), batch_size, max_new_tokens).correct
+
+
+def layer_means(
+    loaded: Any,
+    samples: Sequence[VQASample],
+    layer: int,
+    images: Sequence[Image.Image] | None = None,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """(hidden_size,) mean of decoder layer ``layer``'s output: mean over each sample's real positions, then over
+    samples (the replacement values of mean ablation)."""
+    result = _evaluate(loaded, samples, images, None, batch_size, max_new_tokens=1, mean_layer=layer)
+    return result.state_means
+
+
+# ------------------------------------------------------------------------------------------ effect and CI
+
+
+def _as_correct(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {array.shape}")
+    if array.dtype != bool:
+        if not np.issubdtype(array.dtype, np.number) or not np.isin(array, (0, 1)).all():
+            raise ValueError(f"{name} must contain only 0/1 or bool")
+    return array.astype(np.float64)
+
+
+def ablation_effect(
+    baseline_correct: Any,
+    ablated_correct: Any,
+    question_types: Sequence[str] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Accuracy change (ablated − baseline) in percentage points with a paired bootstrap (1 − alpha) CI.
+
+    Paired: each resample draws the same questions for both runs, so the CI reflects per-question flips, not two
+    independent accuracies. One row "all" and one per question type (resampled within the type), with columns
+    question_type, n, baseline_acc, ablated_acc, delta_pp, ci_low_pp, ci_high_pp (accuracies in [0, 1]).
+    """
+    base = _as_correct(baseline_correct, "baseline_correct")
+    ablated = _as_correct(ablated_correct, "ablated_correct")
+    if base.shape != ablated.shape:
+        raise ValueError(f"baseline has {base.size} samples but ablated has {ablated.size}; they must be the same questions")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    groups: list[tuple[str, np.ndarray]] = [("all", np.ones(base.size, dtype=bool))]
+    if question_types is not None:
+        types = np.asarray([str(t) for t in question_types])
+        if types.shape != base.shape:
+            raise ValueError(f"{types.size} question types for {base.size} samples")
+        groups += [(t, types == t) for t in sorted(set(types.tolist()))]
+    rows = []
+    for g, (name, selected) in enumerate(groups):
+        diff = ablated[selected] - base[selected]
+        means = bootstrap_replicates(diff.size, lambda idx: diff[idx].mean(axis=1), n_boot, [seed, g])
+        low, high = percentile_interval(means, alpha)
+        rows.append({
+            "question_type": name,
+            "n": int(selected.sum()),
+            "baseline_acc": float(base[selected].mean()),
+            "ablated_acc": float(ablated[selected].mean()),
+            "delta_pp": 100.0 * float(diff.mean()),
+            "ci_low_pp": 100.0 * low,
+            "ci_high_pp": 100.0 * high,
+        })
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+
+TABLE_COLUMNS = [
+    "model", "fusion", "layer", "condition", "mode", "k", "n_dims", "fraction", "draw", "question_type", "n",
+    "baseline_acc", "ablated_acc", "delta_pp", "ci_low_pp", "ci_high_pp",
+]
+
+
+def _per_model(value: Any, names: list[str], what: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ValueError(f"{what} has no entry for {missing}")
+        return {n: value[n] for n in names}
+    return {n: value for n in names}
+
+
+def run_ablation_study(
+    loaded: Any,
+    samples: Sequence[VQASample],
+    layer: int | Mapping[str, int],
+    weights: np.ndarray | Mapping[str, np.ndarray],
+    ks: Sequence[int] = (5,),
+    random_fraction: float | None = 0.5,
+    modes: Sequence[str] = ("zero",),
+    means: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    mask_fraction: float | None = 0.3,
+    n_random_draws: int = 1,
+    n_boot: int = 2000,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    images: Sequence[Image.Image] | None = None,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Accuracy change vs the unablated run for every intervention, as one tidy table.
+
+    ``loaded`` is one model or a mapping name -> model (e.g. {"late_fusion": ..., "early_fusion": ...}) run on the
+    same ``samples`` side by side; ``layer``, ``weights`` (and ``means``) are then one value for all or a mapping
+    with the same names. Conditions per model: ``top_k`` (each k, each mode), ``random_k`` (zero, drawn outside the
+    top-k, ``n_random_draws`` seeds), ``random_fraction`` (zero that share of the layer's dims, None to skip) and
+    ``mask_high`` / ``mask_low`` / ``mask_random`` (grey ``mask_fraction`` of the patches by the answer position's
+    layer-averaged attention; needs eager attention; None to skip). Mean ablation uses ``means`` or, if absent,
+    the layer's mean over these samples from the baseline pass. Rows: one "all" and one per question type.
+    ``progress`` gets one step per pass over the samples, staged "<model>: baseline", "<model>: top_k k=5 zero"....
+    """
+    models = dict(loaded) if isinstance(loaded, Mapping) else {"model": loaded}
+    names = list(models)
+    layers = _per_model(layer, names, "layer")
+    weight_map = _per_model(weights, names, "weights")
+    mean_map = _per_model(means, names, "means") if means is not None else {n: None for n in names}
+    for mode in modes:
+        if mode not in ABLATION_MODES:
+            raise ValueError(f"unknown ablation mode {mode!r}; expected one of {ABLATION_MODES}")
+    if mask_fraction is not None and not 0.0 < mask_fraction <= 1.0:
+        raise ValueError(f"mask_fraction must be in (0, 1], got {mask_fraction}")
+    if random_fraction is not None and not 0.0 < random_fraction <= 1.0:
+        raise ValueError(f"random_fraction must be in (0, 1], got {random_fraction}")
+    samples = list(samples)
+    if images is None:
+        images = [s.load_image() for s in samples]
+    types = [_question_type(s) for s in samples]
+    frames = []
+    passes = 1 + len(ks) * (len(modes) + n_random_draws) + (random_fraction is not None) + 3 * (mask_fraction is not None)
+    done = itertools.count(1)
+    total = passes * len(names)
+    report(progress, 0, total, f"{names[0]}: baseline")
+    for m_index, name in enumerate(names):
+        model = models[name]
+        hidden = int(model.hidden_size)
+        (layer_index,) = resolve_layers(model.n_layers, [layers[name]])
+        w = np.asarray(weight_map[name], dtype=np.float64).reshape(-1)
+        if w.shape[0] != hidden:
+            raise ValueError(f"{name}: {w.shape[0]} probe weights for hidden size {hidden}")
+        for k in ks:
+            top_k_dimensions(w, k)  # validate every k before the expensive passes
+        need_means = "mean" in modes and mean_map[name] is None
+        base = _evaluate(model, samples, images, None, batch_size, max_new_tokens,
+                         attentions=mask_fraction is not None, mean_layer=layer_index if need_means else None)
+        layer_mean = mean_map[name] if mean_map[name] is not None else base.state_means
+        report(progress, next(done), total, f"{name}: baseline")
+        fusion = getattr(model.adapter, "fusion", "")
+
+        def add(condition: str, mode: str, correct: np.ndarray, k: int | None, n_dims: int | None,
+                fraction: float | None, draw: int | None, at_layer: int | None, salt: int) -> None:
+            effect = ablation_effect(base.correct, correct, types, n_boot=n_boot, seed=seed * 1_000_003 + salt)
+            effect.insert(0, "draw", draw)
+            effect.insert(0, "fraction", fraction)
+            effect.insert(0, "n_dims", n_dims)
+            effect.insert(0, "k", k)
+            effect.insert(0, "mode", mode)
+            effect.insert(0, "condition", condition)
+            effect.insert(0, "layer", at_layer)
+            effect.insert(0, "fusion", fusion)
+            effect.insert(0, "model", name)
+            frames.append(effect)
+            stage = " ".join(str(part) for part in (condition, f"k={k}" if k is not None else "", mode) if part)
+            report(progress, next(done), total, f"{name}: {stage}")
+
+        def ablated(dims: np.ndarray, mode: str) -> np.ndarray:
+            spec = DimensionAblation(layer_index, tuple(int(d) for d in dims), mode,
+                                     tuple(float(v) for v in np.asarray(layer_mean)) if mode == "mean" else None)
+            return _evaluate(model, samples, images, lambda: spec(model), batch_size, max_new_tokens).correct
+
+        salt = itertools.count(m_index * 10_000)
+        for k in ks:
+            top = top_k_dimensions(w, k)
+            for mode in modes:
+                add("top_k", mode, ablated(top, mode), int(k), int(k), None, None, layer_index, next(salt))
+            for draw in range(n_random_draws):
+                dims = random_dimensions(hidden, k=int(k), seed=seed + 7919 * draw + 1, exclude=top)
+                add("random_k", "zero", ablated(dims, "zero"), int(k), int(k), None, draw, layer_index, next(salt))
+        if random_fraction is not None:
+            dims = random_dimensions(hidden, fraction=random_fraction, seed=seed + 104729)
+            add("random_fraction", "zero", ablated(dims, "zero"), None, int(dims.size), float(random_fraction), None,
+                layer_index, next(salt))
+        if mask_fraction is not None:
+            for which in MASK_WHICH:
+                masked, _ = mask_image_patches(images, base.attention_maps, base.grids, mask_fraction, which, seed=seed)
+                correct = _evaluate(model, samples, masked, None, batch_size, max_new_tokens).correct
+                add(f"mask_{which}", "grey", correct, None, None, float(mask_fraction), None, None, next(salt))
+    table = pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+    for column in ("layer", "k", "n_dims", "draw"):
+        table[column] = table[column].astype("Int64")
+    table["fraction"] = table["fraction"].astype(float)
+    return table
+
+
+def side_by_side(table: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
+    """Wide view for the report: one row per (condition, mode, k, draw, question type), one column per model,
+    each cell "Δ pp [low, high]"."""
+    keys = ["condition", "mode", "k", "draw", "question_type"]
+    wide = table[keys].astype(object).where(table[keys].notna(), "")
+    wide["cell"] = [
+        f"{d:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
+        for d, lo, hi in zip(table["delta_pp"], table["ci_low_pp"], table["ci_high_pp"])
+    ]
+    wide["model"] = table["model"].to_numpy()
+    out = wide.pivot(index=keys, columns="model", values="cell")
+    out = out.reindex(pd.MultiIndex.from_frame(wide[keys].drop_duplicates()))[list(dict.fromkeys(table["model"]))]
+    out.columns.name = None
+    return out.reset_index()
