@@ -145,16 +145,11 @@ def calibration_metric_cis(
     if not np.isin(labels, (0.0, 1.0)).all() or not ((probs >= 0) & (probs <= 1)).all():
         raise ValueError("correct must be 0/1 and prob must be probabilities in [0, 1]")
     bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], probs)
-    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def sums(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        key = id(idx)  # the three statistics see the same index blocks (same seed): bin them once
-        if key not in cache:
-            cache.clear()
-            ids = bins[idx]
-            cache[key] = (_binned_sums(ids, np.ones(idx.shape), n_bins), _binned_sums(ids, probs[idx], n_bins),
-                          _binned_sums(ids, labels[idx], n_bins))
-        return cache[key]
+        ids = bins[idx]
+        return (_binned_sums(ids, np.ones(idx.shape), n_bins), _binned_sums(ids, probs[idx], n_bins),
+                _binned_sums(ids, labels[idx], n_bins))
 
     def ece(idx: np.ndarray) -> np.ndarray:
         _, p, y = sums(idx)
