@@ -1,0 +1,252 @@
+"""The dashboard in a real browser: `streamlit run app.py` on a loopback port, driven by Playwright + Chromium.
+
+Every page is reached through the sidebar (never a deep link: a `pages/` folder would start Streamlit's legacy
+multipage mode), its title asserted, its checks run and a screenshot saved to docs/screenshots/ for the README.
+Adding a page is one line in PAGES. With CI=true a missing browser fails; locally it skips with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "docs" / "screenshots"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SAMPLE_IMAGE = next((REPO / "sample_data" / "shapes_pope" / "images").glob("*.png"))
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"browser test cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # the test extra installs it; say so instead of erroring at collection
+    sync_playwright = None
+    Page = object
+
+
+# ------------------------------------------------------------------------------------------- page checks
+
+
+def _check_inspect(page: "Page") -> None:
+    page.get_by_role("button", name="Ask").wait_for()
+    assert page.locator('[data-testid="stTextInput"] input').input_value()  # prefilled shipped question
+
+
+def _check_report(page: "Page") -> None:
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+
+
+@dataclass(frozen=True)
+class PageCheck:
+    link: str  # sidebar link text (without the icon)
+    title: str  # the page's h1
+    check: Callable[["Page"], None]
+    screenshot: str
+
+
+PAGES = [
+    PageCheck("Inspect", "Inspect — will this answer be right?", _check_inspect, "inspect.png"),
+    PageCheck("Report", "Report — where reliability lives", _check_report, "report.png"),
+]
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMREL_CACHE_DIR": str(tmp_path_factory.mktemp("vlmrel_cache"))}
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not become healthy:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.is_file():
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server)
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    yield page
+    context.close()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _settle(page: "Page", quiet_s: float = 0.5) -> None:
+    """Wait for the connection, for the DOM to stop changing for ``quiet_s``, then for the script to finish."""
+    page.locator('[data-testid="stApp"][data-test-connection-state="CONNECTED"]').wait_for()
+    page.evaluate(
+        """quiet => new Promise(resolve => {
+            let timer = setTimeout(done, quiet);
+            const observer = new MutationObserver(() => { clearTimeout(timer); timer = setTimeout(done, quiet); });
+            function done() { observer.disconnect(); resolve(); }
+            observer.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+        })""",
+        int(quiet_s * 1000),
+    )
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+
+
+def _open_home(page: "Page") -> float:
+    start = time.perf_counter()
+    page.goto("/")
+    page.locator("h1").first.wait_for()
+    drawn = time.perf_counter() - start
+    _settle(page)
+    return drawn
+
+
+def _title(page: "Page") -> str:
+    return page.locator("h1").first.inner_text().strip()
+
+
+def _screenshot(page: "Page", name: str) -> None:
+    """Grow the viewport to the content (the app scrolls inside its main container), then save a small PNG."""
+    height = page.evaluate('document.querySelector(\'[data-testid="stMain"]\')?.scrollHeight || 900')
+    page.set_viewport_size({"width": 1280, "height": min(max(int(height), 900), 3000)})
+    _settle(page, 0.3)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    with Image.open(path) as shot:  # 128-colour palette: a README picture, a fraction of the bytes
+        small = shot.convert("RGB").quantize(colors=128)
+    small.save(path, optimize=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def _errors(page: "Page") -> list[str]:
+    """Error messages (not exception boxes, which also contain an error-kind alert)."""
+    alerts = page.locator('[data-testid="stAlert"]:has([data-testid="stAlertContentError"])')
+    return [alerts.nth(i).inner_text() for i in range(alerts.count())
+            if not alerts.nth(i).locator('xpath=ancestor::*[@data-testid="stException"]').count()]
+
+
+def _metric(page: "Page", label: str) -> str:
+    metric = page.locator('[data-testid="stMetric"]').filter(has=page.locator(
+        '[data-testid="stMetricLabel"]', has_text=label))
+    return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def _upload(page: "Page", **file) -> None:
+    page.get_by_text("upload", exact=True).click()
+    _settle(page)
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(files=[file] if file else [])
+    _settle(page)
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_every_page_through_the_sidebar(page):
+    drawn = _open_home(page)
+    assert drawn < 30, f"the first page took {drawn:.1f} s to draw"
+    print(f"first page drawn in {drawn:.2f} s")
+    assert _title(page) == PAGES[0].title  # served at / before any navigation
+    for spec in PAGES:
+        page.locator('[data-testid="stSidebarNavLink"]', has_text=spec.link).click()
+        _settle(page)
+        page.locator("h1", has_text=spec.title).wait_for()
+        assert _title(page) == spec.title
+        spec.check(page)
+        assert not page.locator('[data-testid="stException"]').count()
+        _screenshot(page, spec.screenshot)
+
+
+def test_inspect_upload_an_image_and_read_back_answer_and_confidence(page):
+    _open_home(page)
+    _upload(page, name="shapes.png", mimeType="image/png", buffer=SAMPLE_IMAGE.read_bytes())
+    question = page.locator('[data-testid="stTextInput"] input')
+    question.fill("is there a red circle in the image?")
+    question.press("Tab")  # a text input sends its value on blur
+    _settle(page)
+    start = time.perf_counter()
+    page.get_by_role("button", name="Ask").click()
+    page.locator('[data-testid="stMetric"]').first.wait_for()
+    _settle(page)
+    print(f"Ask → answer drawn in {time.perf_counter() - start:.2f} s (first ask loads the model)")
+    assert not _errors(page) and not page.locator('[data-testid="stException"]').count()
+    assert _metric(page, "Answer") in {"yes", "no"} or _metric(page, "Answer")
+    confidence = float(_metric(page, "Confidence"))
+    assert 0.0 <= confidence <= 1.0
+    page.locator(".main-svg").first.wait_for()  # the gauge is drawn, not only mounted
+    _screenshot(page, "inspect_answer.png")
+
+    start = time.perf_counter()  # once loaded: a second ask
+    page.get_by_role("button", name="Ask").click()
+    _settle(page)
+    print(f"second Ask → answer in {time.perf_counter() - start:.2f} s")
+    assert float(_metric(page, "Confidence")) == pytest.approx(confidence, abs=1e-3)
+
+
+def test_a_non_image_upload_shows_one_clear_error(page):
+    _open_home(page)
+    _upload(page, name="notes.txt", mimeType="text/plain", buffer=b"this is not an image")
+    errors = _errors(page)
+    assert len(errors) == 1 and "notes.txt is not an image" in errors[0], errors
+    assert not page.locator('[data-testid="stException"]').count()
+    assert page.get_by_role("button", name="Ask").is_disabled()
+    _screenshot(page, "inspect_bad_upload.png")
