@@ -75,3 +75,17 @@ def test_calibration_metric_cis_hold_the_point_values_and_narrow_with_n():
         assert estimate.high - estimate.low < small[name].high - small[name].low
     with pytest.raises(ValueError, match="0/1"):
         calibration_metric_cis([0, 2], [0.1, 0.2])
+
+
+def test_held_out_samples_are_the_test_questions_in_run_order(scores):
+    from vlmrel_core.data.loader import load_vqa_jsonl
+    from vlmrel_core.results.gate_splits import held_out_samples
+
+    run = load_shipped_run("late_fusion", "adversarial")
+    samples = load_vqa_jsonl(SAMPLES.dataset("adversarial"))
+    chosen = held_out_samples(scores, run, samples, limit=7)
+    expected = run.rows.iloc[scores.test[:7]]
+    assert [s.sample_id for s in chosen] == list(expected["sample_id"])
+    assert [s.question for s in chosen] == list(expected["question"])
+    with pytest.raises(ResultsError, match="not in the dataset"):
+        held_out_samples(scores, run, samples[:10])

@@ -80,6 +80,21 @@ def gate_split_scores(bundle: GateBundleResults, run: RunResults | str | Path | 
                            bundle.calibration.chosen_method)
 
 
+def held_out_samples(scores: GateSplitScores, run: RunResults, samples: Sequence, limit: int | None = None) -> list:
+    """The dataset ``samples`` (VQASample) of the gate's test rows, in run order, at most ``limit``: questions the
+    gate's probe was neither trained nor calibrated on. Matched by sample_id; a missing one is an error."""
+    if scores.run_dir.resolve() != run.run_dir.resolve():
+        raise ResultsError(f"the split scores are of {scores.run_dir}, not of {run.run_dir}")
+    by_id = {str(s.sample_id): s for s in samples}
+    wanted = [str(i) for i in run.rows["sample_id"].to_numpy()[scores.test]]
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise ResultsError(f"{len(missing)} test questions of {run.run_dir} are not in the dataset given "
+                           f"(first: {missing[0]}); pass the dataset the run was extracted from")
+    chosen = wanted if limit is None else wanted[:limit]
+    return [by_id[i] for i in chosen]
+
+
 def _provenance_run(provenance: Mapping[str, object], gate_dir: Path) -> Path:
     recorded = provenance.get("run_dir")
     if not recorded:
@@ -176,4 +191,4 @@ def calibration_metric_cis(
 
 
 __all__ = ["CALIBRATION_METRICS", "CertifiedRouting", "GateSplitScores", "calibration_metric_cis",
-           "certify_on_split", "gate_split_scores"]
+           "certify_on_split", "gate_split_scores", "held_out_samples"]
