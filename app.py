@@ -17,6 +17,7 @@ PAGES = [
     st.Page("pages/layer_sweep.py", title="Layer sweep", icon=":material/stacked_line_chart:"),
     st.Page("pages/calibration.py", title="Calibration", icon=":material/tune:"),
     st.Page("pages/attention.py", title="Attention vs hidden state", icon=":material/visibility:"),
+    st.Page("pages/masking.py", title="Neuron masking", icon=":material/grid_off:"),
 ]
 
 st.navigation(PAGES).run()
