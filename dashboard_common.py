@@ -7,6 +7,7 @@ Pages stay thin: they call these helpers and `vlmrel_core`, and compute nothing 
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 import threading
 from dataclasses import dataclass, field
@@ -37,23 +38,25 @@ class ModelChoice:
 # --------------------------------------------------------------------------------------------- errors
 
 
-def _message(err: BaseException) -> str:
-    """Library errors already say what is wrong in words; anything else keeps its type name for a bug report."""
-    from vlmrel_core.analysis.probes import ProbeError
-    from vlmrel_core.data.loader import DatasetError
-    from vlmrel_core.engine.adapters.base import AdapterError
-    from vlmrel_core.engine.loading import ModelLoadError
-    from vlmrel_core.engine.store import CacheError
-    from vlmrel_core.gate.config import GateConfigError
-    from vlmrel_core.gate.runtime import GateError
-    from vlmrel_core.inspection.images import ImageInputError
-    from vlmrel_core.inspection.layer_probes import LayerProbeError
-    from vlmrel_core.inspection.report_quotes import ReportQuoteError
-    from vlmrel_core.results.files import ResultsError
+# Library errors that already say what is wrong in words (module, class). Looked up in sys.modules only: an
+# error of a class whose module was never imported cannot occur, and importing torch to format a message would not do.
+WORDED_ERRORS = (
+    ("vlmrel_core.inspection.images", "ImageInputError"), ("vlmrel_core.gate.config", "GateConfigError"),
+    ("vlmrel_core.gate.runtime", "GateError"), ("vlmrel_core.analysis.probes", "ProbeError"),
+    ("vlmrel_core.engine.loading", "ModelLoadError"), ("vlmrel_core.engine.store", "CacheError"),
+    ("vlmrel_core.engine.adapters.base", "AdapterError"), ("vlmrel_core.data.loader", "DatasetError"),
+    ("vlmrel_core.inspection.layer_probes", "LayerProbeError"), ("vlmrel_core.samples.catalog", "SampleDataError"),
+    ("vlmrel_core.inspection.report_quotes", "ReportQuoteError"), ("vlmrel_core.results.files", "ResultsError"),
+)
 
-    worded = (ImageInputError, GateConfigError, GateError, ProbeError, ModelLoadError, CacheError, AdapterError,
-              DatasetError, LayerProbeError, SampleDataError, ReportQuoteError, ResultsError)
-    return str(err) if isinstance(err, worded) else f"{type(err).__name__}: {err}"
+
+def _message(err: BaseException) -> str:
+    """Library errors in their own words; anything else keeps its type name for a bug report."""
+    for module_name, class_name in WORDED_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(err, getattr(module, class_name)):
+            return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 def show_error(what: str, err: BaseException) -> None:

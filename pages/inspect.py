@@ -11,7 +11,6 @@ from dashboard_common import (
     streamlit_progress,
 )
 from vlmrel_core.inspection.images import load_image_bytes
-from vlmrel_core.inspection.report_quotes import headline_quote
 from vlmrel_core.samples.catalog import sample_catalog
 
 SAMPLE, UPLOAD = "shipped sample", "upload"
@@ -78,7 +77,10 @@ if stored is None or stored[0] != signature:
 
 from vlmrel_core.inspection.attention_view import hide_sinks, sink_mask, sink_summary  # noqa: E402 (after the first draw)
 from vlmrel_core.inspection.explain import routing_reason  # noqa: E402
-from vlmrel_core.inspection.figures import attention_overlay, confidence_gauge, layer_strip  # noqa: E402
+from vlmrel_core.inspection.report_quotes import headline_quote  # noqa: E402
+from vlmrel_core.figures.attention import attention_overlay  # noqa: E402
+from vlmrel_core.figures.calibration import confidence_gauge  # noqa: E402
+from vlmrel_core.figures.layers import probe_score_strip  # noqa: E402
 
 _, inspection, shown_image = stored
 decision = inspection.decision
@@ -101,7 +103,10 @@ with right:
 
 st.subheader("The probe at every layer")
 if inspection.layer_scores:
-    st.plotly_chart(layer_strip(inspection.layer_scores, inspection.gate_layer), width="stretch", key="layer_strip")
+    strip_layers = sorted(inspection.layer_scores)
+    st.plotly_chart(probe_score_strip(strip_layers, [inspection.layer_scores[l] for l in strip_layers],
+                                      inspection.gate_layer, title="Probe P(correct) at each layer (outlined: the gate's)"),
+                    width="stretch", key="layer_strip")
     st.caption(f"Each cell: a probe fitted on that layer's states (same training rows as the gate's), raw P(correct). "
                f"The gate reads layer {inspection.gate_layer} (raw {ev['raw_probe_score']:.3f}, calibrated "
                f"{decision.confidence:.3f}).")
@@ -119,6 +124,8 @@ else:
                                  key="attn_layer")
         hide = st.checkbox("Hide attention sinks", key="hide_sinks",
                            help="Cells holding more than 10× the uniform share soak up the map; hiding them shows the rest.")
+        hide_border = st.checkbox("Hide the border patches", key="hide_border",
+                                  help="Sinks (register-like patches) often sit on the image border; blank its outer ring.")
         grid = inspection.attention.grid(layer)
         summary = sink_summary(grid)
         st.caption(summary.sentence())
@@ -131,7 +138,8 @@ else:
                             f"**{quote.probe_auroc}** for the probe (shipped report, {quote.run}, image-grouped split).")
     with picture:
         drawn = hide_sinks(grid, sink_mask(grid)) if hide and summary.n_sinks else grid
-        st.plotly_chart(attention_overlay(shown_image, drawn, layer), key="attention")
+        st.plotly_chart(attention_overlay(shown_image.resize((256, 256)), drawn, mask_border_sinks=hide_border,
+                                          title=f"answer-position attention, layer {layer}"), key="attention")
 
 st.subheader("Time of each step")
 st.dataframe(pd.DataFrame({"step": list(inspection.timings), "seconds": [round(v, 4) for v in inspection.timings.values()]}),

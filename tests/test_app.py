@@ -80,9 +80,9 @@ def test_ask_shows_answer_confidence_routing_layers_attention_and_timings(family
     gauge, strip, attention = figures[0], figures[1], figures[2]
     assert gauge["data"][0]["value"] == pytest.approx(float(metrics["Confidence"]), abs=5e-4)
     assert gauge["data"][0]["gauge"]["threshold"]["value"] > 0
-    layers = strip["data"][0]["x"]
+    layers = list(_array(strip["data"][0]["x"]))
     scores = _array(strip["data"][0]["z"])
-    assert layers == ["L0", "L1", "L2", "L3"] and ((scores >= 0) & (scores <= 1)).all()
+    assert layers == [0, 1, 2, 3] and ((scores >= 0) & (scores <= 1)).all()
     assert "layer 3" in attention["layout"]["title"]["text"]  # the gate's layer first
     quote = [m.value for m in app.markdown if "How little attention predicts" in m.value]
     assert quote and "(0.5 = chance)" in quote[0]
@@ -116,6 +116,10 @@ def test_hiding_sinks_blanks_the_sink_cells():
     n_sinks = int(sentence.split(" of ")[0])
     assert np.isnan(after).sum() == n_sinks and not np.isnan(before).any()
     assert np.nansum(after) == pytest.approx(1.0) and np.nanmax(after) < np.nanmax(before)
+    app.checkbox(key="hide_border").check().run()
+    border = _attention_z(app)
+    rows, cols = border.shape
+    assert np.isnan(border[0]).all() and np.isnan(border[:, -1]).all() and np.isnan(border).sum() >= 2 * (rows + cols) - 4
 
 
 def test_picking_another_sample_changes_the_question_and_clears_the_answer():
@@ -167,3 +171,19 @@ def test_report_page_shows_table7_of_the_chosen_model():
     model.set_value(model.options[1]).run()
     early = app.dataframe[0].value
     assert set(late["run"]) != set(early["run"])
+
+
+def test_first_draw_imports_no_model_code():
+    """The first page must draw fast: torch, transformers and scikit-learn load only when someone asks."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom streamlit.testing.v1 import AppTest\n"
+        f"app = AppTest.from_file({str(REPO / 'app.py')!r}, default_timeout=120)\napp.run()\n"
+        "assert not app.exception, app.exception\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -229,7 +229,7 @@ def test_inspect_upload_an_image_and_read_back_answer_and_confidence(page):
     _settle(page)
     print(f"Ask → answer drawn in {time.perf_counter() - start:.2f} s (first ask loads the model)")
     assert not _errors(page) and not page.locator('[data-testid="stException"]').count()
-    assert _metric(page, "Answer") in {"yes", "no"} or _metric(page, "Answer")
+    assert _metric(page, "Answer") not in {"", "(empty)"}
     confidence = float(_metric(page, "Confidence"))
     assert 0.0 <= confidence <= 1.0
     page.locator(".main-svg").first.wait_for()  # the gauge is drawn, not only mounted
