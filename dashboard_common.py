@@ -99,7 +99,7 @@ def load_gate_cached(gate_yaml: str):
     """One gate (and model) per bundle for all sessions. Safe to share: the library's capture hooks are per call,
     tokenizer/processor calls go through the model's `processor_lock` (an HF fast tokenizer is not thread-safe),
     and the gate's counters and drift window are guarded by its own lock."""
-    from vlmrel_core.gate.runtime import load_gate
+    from vlmrel_core.gate.bundle import load_gate
 
     return load_gate(gate_yaml)
 
@@ -119,7 +119,7 @@ def _layer_probe_slot(gate_yaml: str) -> _LayerProbeSlot:
 
 def load_layer_probes_cached(gate_yaml: str, progress: Progress | None = None):
     """Per-layer probes for the Inspect strip: fitted once per bundle (then read from the on-disk cache)."""
-    from vlmrel_core.gate.runtime import load_gate_components
+    from vlmrel_core.gate.bundle import load_gate_components
     from vlmrel_core.inspection.layer_probes import load_or_fit_layer_probes, training_run_dir
 
     slot = _layer_probe_slot(gate_yaml)
