@@ -73,7 +73,7 @@ for label, (gate_yaml, family) in models.items():
         st.stop()
     seconds[label] = time.perf_counter() - start
     runs[label] = pair
-    effects[label] = paired_effect(*pair)
+    effects[label] = paired_effect(pair[0].result, pair[1])
 
 st.plotly_chart(live_masking_figure(effects, f"{n_questions} held-out questions, masked vs unmasked"), width="stretch",
                 key="masking_effect")
