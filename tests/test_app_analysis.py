@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from test_app import _array  # noqa: E402 (plotly typed-array decoding shared with the Inspect tests)
 
 pytestmark = pytest.mark.slow
-FRAMES = {"table7_rows_late_fusion": 0, "calibration_metrics": 0, "attn_association": 0}
+FRAMES = {"table7_rows_late_fusion": 0, "calibration_metrics": 0, "attn_association": 0, "masking_table": 0}
 LATE, EARLY = "late fusion (LLaVA class)", "early fusion (PaliGemma class)"
 
 
@@ -173,3 +173,55 @@ def test_attention_page_signal_layer_sample_and_model_change_what_is_shown():
     _rerun(app)
     assert _scatter_x(app) != at_layer
     assert not app.error
+
+
+# ------------------------------------------------------------------------------------------- masking
+
+
+def _masked_bars(app: AppTest) -> list[float]:
+    return [_array(t["y"]).tolist()[0] for t in _chart(app, "masking_effect")["data"] if t["name"] == "masked"]
+
+
+def test_masking_sliders_rerun_the_questions_and_change_the_effect(monkeypatch, tmp_path):
+    """VLMREL_MASKING_QUESTIONS keeps the AppTest fast: 12 held-out questions per change instead of 300."""
+    import dashboard_common
+
+    monkeypatch.setenv("VLMREL_MASKING_QUESTIONS", "12")
+    monkeypatch.setattr(dashboard_common, "LAYER_PROBE_CACHE", tmp_path / "layer_probes")
+    app = _page("pages/masking.py")
+    assert app.title[0].value.startswith("Neuron masking")
+    assert not app.error
+    table = _frame(app, "masking_table")
+    assert list(table["model"].unique()) == [LATE, EARLY] and set(table["n"]) == {12}
+    assert (table["delta"] == 0).all()  # nothing masked yet: the unmasked run itself
+    unmasked = _masked_bars(app)
+
+    app.slider(key="masking_patches").set_value(0.5)
+    _rerun(app)
+    greyed = _frame(app, "masking_table")
+    assert (greyed["delta"] != 0).any() and _masked_bars(app) != unmasked
+
+    app.slider(key="masking_patches").set_value(0.0)
+    app.slider(key="masking_random").set_value(0.8)
+    _rerun(app)
+    zeroed = _frame(app, "masking_table")
+    assert not zeroed["delta"].equals(greyed["delta"]) and (zeroed["delta"] != 0).any()
+
+    app.slider(key="masking_random").set_value(0.0)
+    app.slider(key="masking_top_k").set_value(16)
+    _rerun(app)
+    top = _frame(app, "masking_table")
+    assert not top["delta"].equals(zeroed["delta"])
+
+    app.selectbox(key="masking_layer").set_value(0)
+    _rerun(app)
+    assert not _frame(app, "masking_table")["delta"].equals(top["delta"])
+
+    app.checkbox(key="masking_compare").uncheck()
+    _rerun(app)
+    assert list(_frame(app, "masking_table")["model"].unique()) == [LATE]
+
+    before = {m.label: m.value for m in app.metric}
+    app.selectbox(key="masking_example").set_value(3)
+    _rerun(app)
+    assert app.caption[-1].value != "" and {m.label for m in app.metric} == set(before)
