@@ -57,8 +57,9 @@ def _metric_value(page: "Page", label: str) -> str:
 
 
 def _press_slider(page: "Page", label: str, key: str, times: int) -> None:
-    """Move a slider by keyboard (its thumb takes arrow keys), then wait for the rerun."""
-    slider = page.locator('[data-testid="stSlider"]').filter(has_text=label).locator('[role="slider"]')
+    """Move a slider by keyboard: Streamlit 1.67 sliders are a hidden ``input[type=range]`` labelled by the widget's
+    label, which takes arrow keys; then wait for the rerun."""
+    slider = page.locator(f'[data-testid="stSlider"] input[type="range"][aria-label="{label}"]')
     slider.focus()
     for _ in range(times):
         slider.press(key)
@@ -76,7 +77,7 @@ def _check_layer_sweep(page: "Page") -> None:
 def _check_calibration(page: "Page") -> None:
     page.locator(".main-svg").first.wait_for()
     before = _metric_value(page, "Coverage (test)")
-    _press_slider(page, "Target risk", "ArrowRight", 5)
+    _press_slider(page, "Target risk (error rate among served answers)", "ArrowRight", 5)
     assert _metric_value(page, "Coverage (test)") != before
 
 
