@@ -40,6 +40,7 @@ else:
     with left:
         figure = attempt("Drawing the reliability diagram", lambda: reliability_figure(bundle.calibration.probe, stages=shown))
         if figure is not None:
+            figure.update_layout(height=560, legend={"orientation": "h", "yanchor": "top", "y": -0.12, "x": 0})
             st.plotly_chart(figure, width="stretch", key="reliability")
             st.caption("Top: accuracy per confidence bin (on the diagonal = calibrated). Bottom: the confidence "
                        "histogram per stage.")

@@ -52,8 +52,9 @@ top_k = controls[1].slider("Top-k probe dimensions zeroed", 0, 32, 0, key="maski
 random_fraction = controls[2].slider("Random share of dimensions zeroed", 0.0, 0.9, 0.0, 0.05, key="masking_random",
                                      help="A seeded random draw among the other dimensions: the control for top-k.")
 patch_fraction = controls[3].slider("Share of image patches greyed", 0.0, 0.6, 0.0, 0.05, key="masking_patches")
-which = WHICH[st.radio("Which patches", list(WHICH), horizontal=True, key="masking_which",
-                       help="Ranked by the unmasked answer's attention over the image (averaged over layers).")]
+which_label = st.radio("Which patches", list(WHICH), horizontal=True, key="masking_which",
+                       help="Ranked by the unmasked answer's attention over the image (averaged over layers).")
+which = WHICH[which_label]
 
 from vlmrel_core.interventions.live import MaskSettings, paired_effect  # noqa: E402 (numbers only until a run)
 
@@ -108,5 +109,5 @@ if settings.patch_fraction > 0:
     pictures = st.columns(2)
     pictures[0].image(baseline.images[index].resize((224, 224)), caption="unmasked")
     if masked_image is not None:
-        pictures[1].image(masked_image.resize((224, 224)), caption=f"{settings.patch_fraction:.0%} {which} patches greyed "
+        pictures[1].image(masked_image.resize((224, 224)), caption=f"{settings.patch_fraction:.0%} {which_label} patches greyed "
                                                                   f"({choice.label})")
