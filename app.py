@@ -18,6 +18,7 @@ PAGES = [
     st.Page("pages/calibration.py", title="Calibration", icon=":material/tune:"),
     st.Page("pages/attention.py", title="Attention vs hidden state", icon=":material/visibility:"),
     st.Page("pages/masking.py", title="Neuron masking", icon=":material/grid_off:"),
+    st.Page("pages/monitoring.py", title="Monitoring", icon=":material/monitor_heart:"),
 ]
 
 st.navigation(PAGES).run()

@@ -225,3 +225,27 @@ def test_masking_sliders_rerun_the_questions_and_change_the_effect(monkeypatch, 
     app.selectbox(key="masking_example").set_value(3)
     _rerun(app)
     assert app.caption[-1].value != "" and {m.label for m in app.metric} == set(before)
+
+
+# ------------------------------------------------------------------------------------------- monitoring
+
+
+def test_monitoring_shows_drift_per_comparison_and_the_live_run():
+    app = _page("pages/monitoring.py")
+    assert app.title[0].value.startswith("Monitoring")
+    assert not app.error
+    first = _metrics(app)
+    assert first["Alert"] == "no" and first["Served automatically"].endswith("%")
+    routing = _chart(app, "routing_figure")["data"][0]
+    from vlmrel_core.results.gate import load_live_run
+    from vlmrel_core.samples.catalog import sample_catalog
+
+    assert sum(_array(routing["y"]).tolist()) == load_live_run(sample_catalog().gate_dir("late_fusion")).n_decisions
+    app.radio(key="drift_comparison").set_value("shifted")
+    _rerun(app)
+    shifted = _metrics(app)
+    assert shifted["Alert"] == "yes" and shifted["KL (confidence histogram)"] != first["KL (confidence histogram)"]
+    assert "ALERT" in _chart(app, "drift_figure")["layout"]["title"]["text"]
+    app.sidebar.radio(key="model_choice").set_value(EARLY)
+    _rerun(app)
+    assert _metrics(app)["Accuracy of all answers"] != shifted["Accuracy of all answers"]

@@ -97,6 +97,14 @@ def _check_masking(page: "Page") -> None:
     page.get_by_text("patches greyed (").first.wait_for()  # the example's masked image is drawn
 
 
+def _check_monitoring(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    assert _metric_value(page, "Alert") == "no"
+    page.get_by_text("shifted", exact=True).click()
+    _settle(page)
+    assert _metric_value(page, "Alert") == "yes"
+
+
 @dataclass(frozen=True)
 class PageCheck:
     link: str  # sidebar link text (without the icon)
@@ -111,6 +119,7 @@ PAGES = [
     PageCheck("Calibration", "Calibration — can the confidence be trusted?", _check_calibration, "calibration.png"),
     PageCheck("Attention vs hidden state", "Attention vs hidden state", _check_attention, "attention.png"),
     PageCheck("Neuron masking", "Neuron masking — does the model use what the probe reads?", _check_masking, "masking.png"),
+    PageCheck("Monitoring", "Monitoring — is the gate still calibrated?", _check_monitoring, "monitoring.png"),
 ]
 
 
