@@ -100,7 +100,7 @@ def _check_masking(page: "Page") -> None:
 def _check_monitoring(page: "Page") -> None:
     page.locator(".main-svg").first.wait_for()
     assert _metric_value(page, "Alert") == "no"
-    page.get_by_text("shifted", exact=True).click()
+    page.get_by_role("radiogroup", name="Comparison").get_by_text("shifted", exact=True).click()
     _settle(page)
     assert _metric_value(page, "Alert") == "yes"
 
