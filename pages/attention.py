@@ -40,7 +40,7 @@ values = attempt("Reading the signal", lambda: table.signal(key, layer))
 if values is None:
     st.stop()
 
-chart, numbers = st.columns([3, 2], gap="large")
+chart, numbers = st.columns([1, 1], gap="large")
 with numbers:
     st.subheader("How well each predicts correctness")
     records = []

@@ -14,6 +14,8 @@ from vlmrel_core.figures.layers import layer_sweep_figure, logit_lens_figure
 from vlmrel_core.figures.signals import table7_figure
 from vlmrel_core.samples.catalog import FAMILIES, sample_catalog
 
+BELOW = {"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0}  # legends under the charts: the columns are narrow
+
 st.title("Layer sweep — where in depth reliability lives")
 st.caption("Held-out AUROC of a logistic probe on each decoder layer's hidden state, for predicting whether the "
            "answer is right. Shipped reports of both embedded models; rebuild with `vlmrel report`.")
@@ -49,12 +51,14 @@ for column, family in zip(columns, FAMILIES):
             report.sweep, full_run, grouping, table7=report.table7, poolings=chosen_poolings))
         if figure is None:
             continue
+        figure.update_layout(height=480, legend=BELOW)
         st.plotly_chart(figure, width="stretch", key=f"sweep_{family}")
         chosen = report.sweep.selected(full_run, grouping)
         plateau = report.sweep.plateau(str(chosen["pooling"]), full_run, grouping)
         a, b = st.columns(2)
-        a.metric("CV-chosen", f"{chosen['pooling']} · layer {int(chosen['layer'])}",
-                 help="Chosen by grouped cross-validation on the training rows only; the star on the chart.")
+        a.metric("CV-chosen layer", f"{int(chosen['layer'])}",
+                 help=f"Pooling {chosen['pooling']}; chosen by grouped cross-validation on the training rows only "
+                      "(the star on the chart).")
         b.metric("Held-out AUROC there", f"{chosen['auroc']:.3f}",
                  help=f"95% CI [{chosen['auroc_low']:.3f}, {chosen['auroc_high']:.3f}]")
         st.caption(f"Plateau of {chosen['pooling']} (layers within the rule of the best): "
@@ -63,8 +67,9 @@ for column, family in zip(columns, FAMILIES):
         lens_run = Path(report.summary.run(full_run).run_dir).name  # the shipped run folder ('adversarial', ...)
         curves = attempt("Reading the logit lens", lambda: lens_curves(family, lens_run))
         if curves is not None:
-            st.plotly_chart(logit_lens_figure(curves, f"Logit-lens margin, correct vs wrong — {family}/{lens_run}"),
-                            width="stretch", key=f"lens_{family}")
+            lens = logit_lens_figure(curves, f"Logit-lens margin, correct vs wrong — {family}/{lens_run}")
+            lens.update_layout(legend=BELOW)
+            st.plotly_chart(lens, width="stretch", key=f"lens_{family}")
 
 st.header("Table 7 — every signal on the same held-out rows")
 st.caption("Held-out AUROC with 95% bootstrap CI of each signal and control (kinds coloured), for the run and "
@@ -78,6 +83,7 @@ for column, family in zip(columns, FAMILIES):
         figure = attempt("Drawing Table 7", lambda: table7_figure(report.table7, full_run, grouping))
         if figure is None:
             continue
+        figure.update_layout(legend=BELOW)
         st.plotly_chart(figure, width="stretch", key=f"table7_{family}")
         part = report.table7[(report.table7["run"] == full_run) & (report.table7["grouping"] == grouping)]
         st.dataframe(part[["signal", "kind", "auroc", "auroc_low", "auroc_high", "r_pb", "cost", "n_test"]],

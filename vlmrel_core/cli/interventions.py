@@ -13,15 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-<<<<<<< HEAD
+from vlmrel_core.io import atomic_write_text
 from vlmrel_core.samples.catalog import SampleCatalog, cli_path
 
 DEFAULT_LATE = cli_path(SampleCatalog.locate(check=False).model_dir("late_fusion", check=False))
-=======
-from vlmrel_core.io import atomic_write_text
-
-DEFAULT_LATE = "sample_data/models/late_fusion"
->>>>>>> h-analysis
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
