@@ -161,18 +161,6 @@ def test_a_non_image_upload_is_one_clear_error():
     assert app.button(key="ask").disabled
 
 
-def test_report_page_shows_table7_of_the_chosen_model():
-    app = _app()
-    app.switch_page("pages/report.py").run()
-    assert not app.exception
-    assert [t.value for t in app.title] == ["Report — where reliability lives"]
-    late = app.dataframe[0].value
-    model = app.sidebar.radio(key="model_choice")
-    model.set_value(model.options[1]).run()
-    early = app.dataframe[0].value
-    assert set(late["run"]) != set(early["run"])
-
-
 def test_first_draw_imports_no_model_code():
     """The first page must draw fast: torch, transformers and scikit-learn load only when someone asks."""
     import subprocess

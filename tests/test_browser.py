@@ -51,8 +51,58 @@ def _check_inspect(page: "Page") -> None:
     assert page.locator('[data-testid="stTextInput"] input').input_value()  # prefilled shipped question
 
 
-def _check_report(page: "Page") -> None:
-    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+def _metric_value(page: "Page", label: str) -> str:
+    metric = page.locator('[data-testid="stMetric"]').filter(has=page.locator('[data-testid="stMetricLabel"]', has_text=label))
+    return metric.first.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def _press_slider(page: "Page", label: str, key: str, times: int) -> None:
+    """Move a slider by keyboard: Streamlit 1.67 sliders are a hidden ``input[type=range]`` labelled by the widget's
+    label, which takes arrow keys; then wait for the rerun."""
+    slider = page.locator(f'[data-testid="stSlider"] input[type="range"][aria-label="{label}"]')
+    slider.focus()
+    for _ in range(times):
+        slider.press(key)
+    _settle(page, 1.0)
+
+
+def _check_layer_sweep(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    before = _metric_value(page, "Held-out AUROC there")
+    page.get_by_text("held-out items", exact=True).click()
+    _settle(page)
+    assert _metric_value(page, "Held-out AUROC there") != before
+
+
+def _check_calibration(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    before = _metric_value(page, "Coverage (test)")
+    _press_slider(page, "Target risk (error rate among served answers)", "ArrowRight", 5)
+    assert _metric_value(page, "Coverage (test)") != before
+
+
+def _check_attention(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    assert page.locator('[data-testid="stMetricLabel"]', has_text="attention entropy (layer-mean map)").count()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Attention signal").click()
+    page.get_by_role("option", name="cluster count C_k").click()
+    _settle(page)
+    page.locator('[data-testid="stMetricLabel"]', has_text="C_k (layer-mean map)").wait_for()
+
+
+def _check_masking(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    assert not page.get_by_text("patches greyed (").count()
+    _press_slider(page, "Share of image patches greyed", "ArrowRight", 6)
+    page.get_by_text("patches greyed (").first.wait_for()  # the example's masked image is drawn
+
+
+def _check_monitoring(page: "Page") -> None:
+    page.locator(".main-svg").first.wait_for()
+    assert _metric_value(page, "Alert") == "no"
+    page.get_by_role("radiogroup", name="Comparison").get_by_text("shifted", exact=True).click()
+    _settle(page)
+    assert _metric_value(page, "Alert") == "yes"
 
 
 @dataclass(frozen=True)
@@ -65,7 +115,11 @@ class PageCheck:
 
 PAGES = [
     PageCheck("Inspect", "Inspect — will this answer be right?", _check_inspect, "inspect.png"),
-    PageCheck("Report", "Report — where reliability lives", _check_report, "report.png"),
+    PageCheck("Layer sweep", "Layer sweep — where in depth reliability lives", _check_layer_sweep, "layer_sweep.png"),
+    PageCheck("Calibration", "Calibration — can the confidence be trusted?", _check_calibration, "calibration.png"),
+    PageCheck("Attention vs hidden state", "Attention vs hidden state", _check_attention, "attention.png"),
+    PageCheck("Neuron masking", "Neuron masking — does the model use what the probe reads?", _check_masking, "masking.png"),
+    PageCheck("Monitoring", "Monitoring — is the gate still calibrated?", _check_monitoring, "monitoring.png"),
 ]
 
 
@@ -81,7 +135,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMREL_CACHE_DIR": str(tmp_path_factory.mktemp("vlmrel_cache"))}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMREL_CACHE_DIR": str(tmp_path_factory.mktemp("vlmrel_cache")),
+           "VLMREL_MASKING_QUESTIONS": "16"}  # the masking page re-runs 16 questions per change, not 300
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from vlmrel_core import results as R
-from vlmrel_core.figures.attention import attention_overlay, attention_probe_scatter, border_mask
+from vlmrel_core.figures.attention import attention_overlay, attention_probe_scatter, border_mask, selected_id
 from vlmrel_core.samples.catalog import sample_catalog
 
 SAMPLES = sample_catalog()
@@ -25,6 +25,17 @@ def test_attention_vs_probe_scatter_splits_points_by_correctness():
     assert right.name == f"correct (n={correct.sum()})"
     with pytest.raises(ValueError, match="equal 1-d shapes"):
         attention_probe_scatter(entropy[:3], confidence, correct)
+
+
+def test_scatter_points_carry_ids_and_a_selection_names_its_question():
+    x, y = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.8, 0.7, 0.6])
+    correct = np.array([1, 0, 1, 0])
+    figure = attention_probe_scatter(x, y, correct, ids=[10, 11, 12, 13])
+    assert list(figure.data[0].customdata) == [10, 12] and list(figure.data[1].customdata) == [11, 13]
+    assert selected_id(figure, 1, 1) == 13 and selected_id(figure, 0, 0) == 10
+    assert selected_id(figure, 2, 0) is None and selected_id(attention_probe_scatter(x, y, correct), 0, 0) is None
+    with pytest.raises(ValueError, match="ids"):
+        attention_probe_scatter(x, y, correct, ids=[1])
 
 
 def test_attention_overlay_places_the_grid_over_the_image_and_masks_border_sinks():

@@ -49,6 +49,19 @@ def test_risk_coverage_marks_threshold_target_and_gray_zone(bundle):
     assert rect.x0 < report.test["coverage"] < rect.x1  # the threshold lies inside its gray zone
 
 
+def test_risk_coverage_marks_a_recertified_rule_instead_of_the_bundle_one(bundle):
+    report = bundle.report
+    figure = risk_coverage_figure(report, threshold=0.6, coverage=0.7, gray_zone=(0.55, 0.65), target_risk=0.2,
+                                  threshold_label="live")
+    vline = next(s for s in figure.layout.shapes if s.type == "line" and s.x0 == s.x1)
+    hline = next(s for s in figure.layout.shapes if s.type == "line" and s.y0 == s.y1)
+    assert vline.x0 == 0.7 and hline.y0 == 0.2
+    assert any(a.text == "live" for a in figure.layout.annotations)
+    rect = next(s for s in figure.layout.shapes if s.type == "rect")
+    assert rect.x0 < rect.x1 and rect.x0 != next(
+        s for s in risk_coverage_figure(report).layout.shapes if s.type == "rect").x0
+
+
 def test_confidence_gauge_carries_value_threshold_and_gray_zone(bundle):
     figure = confidence_gauge(0.8, bundle.threshold, bundle.gray_zone)
     gauge = figure.data[0]

@@ -35,6 +35,15 @@ def test_layer_sweep_draws_each_pooling_with_its_ci_and_marks_the_chosen_layer(r
         assert round(float(report.signal(key)["auroc"]), 6) in hlines
 
 
+def test_layer_sweep_pooling_filter_keeps_only_the_chosen_lines_with_their_colours(report):
+    full = {t.name: t.line.color for t in layer_sweep_figure(report.sweep).data if t.mode == "lines+markers"}
+    figure = layer_sweep_figure(report.sweep, poolings=["mean_image"])
+    lines = {t.name: t.line.color for t in figure.data if t.mode == "lines+markers"}
+    assert lines == {"mean_image": full["mean_image"]}
+    with pytest.raises(ValueError, match="unknown pooling"):
+        layer_sweep_figure(report.sweep, poolings=["nope"])
+
+
 def test_logit_lens_curve_separates_correct_from_wrong():
     curves = R.load_shipped_run("late_fusion", "adversarial").lens_curves()
     figure = logit_lens_figure(curves)

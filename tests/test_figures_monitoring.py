@@ -7,7 +7,7 @@ import pytest
 
 from vlmrel_core import results as R
 from vlmrel_core.figures.interventions import masking_effect_figure
-from vlmrel_core.figures.monitoring import drift_figure
+from vlmrel_core.figures.monitoring import drift_figure, routing_figure
 from vlmrel_core.samples.catalog import sample_catalog
 
 SAMPLES = sample_catalog()
@@ -51,3 +51,13 @@ def test_masking_effect_bars_side_by_side_with_paired_cis():
     assert len(masks.data[1].x) == 2
     with pytest.raises(ValueError, match="no rows for conditions"):
         masking_effect_figure(table, conditions=["nope"])
+
+
+def test_routing_figure_has_one_bar_per_action_with_the_counts():
+    live = R.load_live_run(SAMPLES.gate_dir("late_fusion"))
+    bar = routing_figure(live).data[0]
+    assert dict(zip(bar.x, bar.y)) == {
+        {"generate": "served", "fallback": "fallback", "self_consistency": "gray zone → self-consistency"}[k]: v
+        for k, v in live.actions.items()}
+    with pytest.raises(ValueError, match="no routing actions"):
+        routing_figure(live.model_copy(update={"actions": {}}))

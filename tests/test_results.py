@@ -160,3 +160,22 @@ def test_damaged_files_fail_naming_the_file(tmp_path):
     moved = R.load_run(SAMPLES.run_dir("late_fusion", "random"), image_root=tmp_path)
     with pytest.raises(R.ResultsError, match=r"image of row 0 not found at .*images/0000000.png"):
         moved.image_path(0)
+
+
+def test_repeated_run_blocks_get_the_report_names_of_their_runs():
+    report = R.load_report(sample_catalog().report_dir("late_fusion"))
+    names = [run.name for run in report.summary.runs]
+    assert set(report.table7["run"]) == set(names) == set(report.sweep.runs())
+    second = report.table7[report.table7["run"] == "late_fusion/adversarial#2"]
+    assert "self_consistency" in set(second["key"]) and "self_consistency" not in set(
+        report.table7[report.table7["run"] == "late_fusion/adversarial"]["key"])
+    assert not report.table7.duplicated(["run", "grouping", "key"]).any()
+    assert not report.layer_signals.duplicated(["run", "signal", "layer"]).any()
+
+
+def test_name_repeated_runs_leaves_distinct_runs_alone():
+    frame = pd.DataFrame({"run": ["a", "a", "b", "a", "a"], "key": ["x", "y", "x", "x", "z"]})
+    named = R.report.name_repeated_runs(frame, ["a", "b", "a#2"], ("key",))
+    assert named["run"].tolist() == ["a", "a", "b", "a#2", "a#2"]
+    again = R.report.name_repeated_runs(frame.iloc[:3], ["a", "b"], ("key",))
+    assert again["run"].tolist() == ["a", "a", "b"]

@@ -355,6 +355,9 @@ def build_report(
         if seen[run.name] > 1:
             run.name = f"{run.name}#{seen[run.name]}"
             run.claim.run = run.name
+            run.table7 = run.table7.assign(run=run.name)  # the tables carry the run's name too
+            if not run.layer_signals.empty:
+                run.layer_signals = run.layer_signals.assign(run=run.name)
     results: list[TransferResult] = []
     notes: list[str] = []
     if transfer:

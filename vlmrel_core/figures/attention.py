@@ -3,7 +3,7 @@ question's attention map over its image (with border "sink" patches optionally m
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -13,19 +13,36 @@ from vlmrel_core.figures.style import CORRECT, LAYOUT, WRONG
 
 def attention_probe_scatter(
     attention: np.ndarray, probe_score: np.ndarray, correct: np.ndarray, attention_name: str = "spatial entropy H_s",
-    title: str = "Attention vs probe",
+    title: str = "Attention vs probe", ids: Sequence[int] | None = None,
 ) -> go.Figure:
-    """One point per question: x = an attention signal, y = the probe's score, green correct / red wrong."""
+    """One point per question: x = an attention signal, y = the probe's score, green correct / red wrong. With
+    ``ids`` each point carries its id as ``customdata`` (so a selected point names its question)."""
     x, y = np.asarray(attention, dtype=float), np.asarray(probe_score, dtype=float)
     ok = np.asarray(correct).astype(bool)
     if not (x.shape == y.shape == ok.shape) or x.ndim != 1:
         raise ValueError(f"attention {x.shape}, probe_score {y.shape} and correct {ok.shape} must be equal 1-d shapes")
+    point_ids = None if ids is None else np.asarray(ids)
+    if point_ids is not None and point_ids.shape != x.shape:
+        raise ValueError(f"ids {point_ids.shape} must match the points {x.shape}")
     figure = go.Figure()
     for name, mask, colour in (("correct", ok, CORRECT), ("wrong", ~ok, WRONG)):
-        figure.add_trace(go.Scattergl(x=x[mask].tolist(), y=y[mask].tolist(), mode="markers",
-                                      name=f"{name} (n={int(mask.sum())})", marker={"color": colour, "size": 5, "opacity": 0.6}))
+        extra = {} if point_ids is None else {"customdata": point_ids[mask].tolist(),
+                                              "hovertemplate": "id %{customdata}<br>x %{x:.3f}<br>probe %{y:.3f}"}
+        figure.add_trace(go.Scatter(x=x[mask].tolist(), y=y[mask].tolist(), mode="markers",
+                                    name=f"{name} (n={int(mask.sum())})", marker={"color": colour, "size": 6, "opacity": 0.6},
+                                    **extra))
     figure.update_layout(title=title, xaxis_title=attention_name, yaxis_title="probe score", **LAYOUT)
     return figure
+
+
+def selected_id(figure: go.Figure, curve_number: int, point_index: int) -> int | None:
+    """The id (customdata) of a point a plotly selection reports by trace and index; None without ids."""
+    if not 0 <= curve_number < len(figure.data):
+        return None
+    data = figure.data[curve_number].customdata
+    if data is None or not 0 <= point_index < len(data):
+        return None
+    return int(data[point_index])
 
 
 def border_mask(grid_shape: tuple[int, int], width: int = 1) -> np.ndarray:

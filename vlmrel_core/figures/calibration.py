@@ -57,22 +57,33 @@ def _coverage_at(report: GateReport, confidence: float) -> float:
     return float(np.interp(confidence, np.asarray(curve.thresholds)[order], np.asarray(curve.coverage)[order]))
 
 
-def risk_coverage_figure(report: GateReport) -> go.Figure:
-    """Risk (error rate among served answers) vs coverage on the test split; the target risk, the certified
-    threshold's coverage and the gray zone (coverages between its bounds) marked."""
+def risk_coverage_figure(
+    report: GateReport, *, threshold: float | None = None, coverage: float | None = None,
+    gray_zone: Sequence[float] | None = None, target_risk: float | None = None, threshold_label: str | None = None,
+) -> go.Figure:
+    """Risk (error rate among served answers) vs coverage on the test split; the target risk, the threshold's
+    coverage and the gray zone (coverages between its bounds) marked. By default the bundle's own threshold, target
+    and gray zone; pass ``threshold`` (calibrated), its test ``coverage``, ``gray_zone`` and ``target_risk`` to mark
+    a re-certified rule instead (the dashboard's risk slider)."""
     curve = report.risk_coverage_test
     figure = go.Figure(go.Scatter(x=curve.coverage, y=curve.risk, mode="lines+markers", name="risk–coverage (test)",
                                   customdata=curve.thresholds,
                                   hovertemplate="coverage %{x:.3f}<br>risk %{y:.3f}<br>threshold %{customdata:.3f}"))
-    if report.gray_zone is not None:
-        low, high = report.gray_zone
+    zone = report.gray_zone if gray_zone is None else gray_zone
+    if zone is not None:
+        low, high = float(zone[0]), float(zone[1])
         figure.add_vrect(x0=_coverage_at(report, high), x1=_coverage_at(report, low), fillcolor=GRAY_ZONE, line_width=0,
                          annotation_text=f"gray zone [{low:.2f}, {high:.2f}]", annotation_position="top left")
-    served = report.test.get("coverage")
-    if served is not None:
-        figure.add_vline(x=float(served), line_color=THRESHOLD, line_width=2,
-                         annotation_text=f"threshold {report.threshold:.3f} ({report.threshold_source})")
-    target = (report.risk_certificate or {}).get("target_risk", report.test.get("target_risk"))
+    if threshold is None:
+        threshold, coverage = report.threshold, report.test.get("coverage")
+        threshold_label = threshold_label or f"threshold {report.threshold:.3f} ({report.threshold_source})"
+    elif coverage is None:
+        coverage = _coverage_at(report, threshold)
+    if coverage is not None:
+        figure.add_vline(x=float(coverage), line_color=THRESHOLD, line_width=2,
+                         annotation_text=threshold_label or f"threshold {threshold:.3f}")
+    target = target_risk if target_risk is not None else (report.risk_certificate or {}).get(
+        "target_risk", report.test.get("target_risk"))
     if target is not None:
         figure.add_hline(y=float(target), line_dash="dash", line_color="firebrick",
                          annotation_text=f"target risk {float(target):.2f}", annotation_position="top right")

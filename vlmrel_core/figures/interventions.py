@@ -50,3 +50,36 @@ def masking_effect_figure(
     figure.update_layout(title=title or f"Accuracy change under interventions ({question_type} questions)",
                          barmode="group", yaxis_title="Δ accuracy, pp (paired 95% CI)", **LAYOUT)
     return figure
+
+
+def live_masking_figure(effects: "dict[str, pd.DataFrame]", title: str = "Masked vs unmasked") -> go.Figure:
+    """Accuracy and mean confidence side by side (two panels), per model an unmasked and a masked bar; the masked
+    bar's whisker is the paired 95% CI of the change, placed on the unmasked value. ``effects`` maps a model label
+    to `interventions.live.paired_effect`'s table."""
+    from plotly.subplots import make_subplots
+
+    if not effects:
+        raise ValueError("no masking results to draw")
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "mean confidence"), horizontal_spacing=0.12)
+    for column, metric in enumerate(("accuracy", "confidence"), start=1):
+        for i, (label, table) in enumerate(effects.items()):
+            row = table[table["metric"] == metric]
+            if row.empty:
+                raise ValueError(f"{label}: no {metric} row in the masking effect")
+            row = row.iloc[0]
+            colour = PALETTE[i % len(PALETTE)]
+            low, high = row["unmasked"] + row["ci_low"], row["unmasked"] + row["ci_high"]
+            figure.add_trace(go.Bar(x=[label], y=[row["unmasked"]], name="unmasked", legendgroup="unmasked",
+                                    showlegend=column == 1 and i == 0, marker={"color": "lightgray"},
+                                    offsetgroup="unmasked", hovertemplate="unmasked %{y:.3f}"), row=1, col=column)
+            figure.add_trace(go.Bar(
+                x=[label], y=[row["masked"]], name="masked", legendgroup="masked", showlegend=column == 1 and i == 0,
+                marker={"color": colour}, offsetgroup="masked",
+                error_y={"type": "data", "symmetric": False, "array": [max(high - row["masked"], 0.0)],
+                         "arrayminus": [max(row["masked"] - low, 0.0)]},
+                customdata=[[row["delta"], row["ci_low"], row["ci_high"], row["n"]]],
+                hovertemplate="masked %{y:.3f}<br>Δ %{customdata[0]:+.3f} [%{customdata[1]:+.3f}, %{customdata[2]:+.3f}]"
+                              "<br>n=%{customdata[3]}"), row=1, col=column)
+    figure.update_layout(title=title, barmode="group", **LAYOUT)
+    figure.update_yaxes(range=[0, 1])
+    return figure

@@ -23,16 +23,24 @@ REFERENCE_SIGNALS: dict[str, str] = {
 
 def layer_sweep_figure(
     sweep: SweepTable, run: str | None = None, grouping: str = "image", table7: pd.DataFrame | None = None,
-    references: dict[str, str] | None = None,
+    references: dict[str, str] | None = None, poolings: Sequence[str] | None = None,
 ) -> go.Figure:
-    """Held-out probe AUROC vs layer, one line + 95% CI band per pooling; the CV-selected layer starred, the
-    selected pooling's plateau shaded, and Table 7 reference signals (same run and grouping) as dashed lines."""
+    """Held-out probe AUROC vs layer, one line + 95% CI band per pooling (only ``poolings`` if given; colours stay
+    fixed per pooling); the CV-selected layer starred, the selected pooling's plateau shaded, and Table 7 reference
+    signals (same run and grouping) as dashed lines."""
     part = sweep.part(run, grouping)
     run = str(part["run"].iloc[0])
     chosen = sweep.selected(run, grouping)
+    all_poolings = list(dict.fromkeys(part["pooling"]))
+    if poolings is not None:
+        unknown = sorted(set(poolings) - set(all_poolings))
+        if unknown:
+            raise ValueError(f"unknown pooling(s) {unknown}; the sweep has {all_poolings}")
     figure = go.Figure()
-    for i, (pooling, rows) in enumerate(part.groupby("pooling", sort=False)):
-        colour = PALETTE[i % len(PALETTE)]
+    for pooling, rows in part.groupby("pooling", sort=False):
+        if poolings is not None and pooling not in poolings:
+            continue
+        colour = PALETTE[all_poolings.index(pooling) % len(PALETTE)]
         rows = rows.sort_values("layer")
         figure.add_trace(band(rows["layer"], rows["auroc_low"], rows["auroc_high"], colour, pooling, pooling))
         figure.add_trace(go.Scatter(x=rows["layer"].tolist(), y=rows["auroc"].tolist(), mode="lines+markers",

@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from vlmrel_core.figures.style import CORRECT, LAYOUT, WRONG
+from vlmrel_core.results.gate import LiveRun
 from vlmrel_core.results.monitoring import DriftComparison
 
 
@@ -46,4 +47,21 @@ def drift_figure(comparison: DriftComparison, name: str = "") -> go.Figure:
     if not per_window:
         figure.add_annotation(text="per-window values not stored in this drift.json; whole-run comparison shown",
                               xref="paper", yref="paper", x=0, y=-0.12, showarrow=False, xanchor="left")
+    return figure
+
+
+ROUTING_LABELS = {"generate": "served", "fallback": "fallback", "self_consistency": "gray zone → self-consistency"}
+ROUTING_COLOURS = {"generate": CORRECT, "fallback": WRONG, "self_consistency": "#e6b800"}
+
+
+def routing_figure(live: LiveRun) -> go.Figure:
+    """How the gate routed a live run's questions: one bar per action (served / fallback / self-consistency)."""
+    if not live.actions:
+        raise ValueError(f"the live run over {live.data} recorded no routing actions")
+    actions = list(live.actions)
+    figure = go.Figure(go.Bar(x=[ROUTING_LABELS.get(a, a) for a in actions], y=[live.actions[a] for a in actions],
+                              marker={"color": [ROUTING_COLOURS.get(a, "gray") for a in actions]},
+                              hovertemplate="%{x}: %{y} questions"))
+    figure.update_layout(title=f"Routing of {live.n_decisions} live questions ({live.data})", yaxis_title="questions",
+                         **LAYOUT)
     return figure

@@ -197,17 +197,44 @@ class ReportResults:
         return rows.iloc[0]
 
 
+def name_repeated_runs(frame: pd.DataFrame, run_names: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Give the k-th repeat of a run's block the report's k-th name for it ('x', 'x#2', ...).
+
+    Why: reports written before the writer relabelled its tables named a second run of the same split 'x#2' in
+    report.json and sweep.csv but 'x' in table7.csv / layer_signals.csv, so its rows read as duplicates of the
+    first run. Blocks are in run order, so the n-th occurrence of (run, *keys) belongs to the n-th run named so.
+    """
+    if frame.empty:
+        return frame
+    names_by_base: dict[str, list[str]] = {}
+    for name in run_names:
+        names_by_base.setdefault(name.split("#", 1)[0], []).append(name)
+    blocks_seen: dict[str, int] = {}
+    current, seen_keys, runs = None, set(), []
+    for run, key in zip(frame["run"], zip(*(frame[k] for k in keys))):
+        if run != current or key in seen_keys:  # a new block: another run, or this run's keys starting over
+            blocks_seen[run] = blocks_seen.get(run, 0) + 1
+            current, seen_keys = run, set()
+        seen_keys.add(key)
+        names = names_by_base.get(run, [run])
+        k = blocks_seen[run] - 1
+        runs.append(names[k] if k < len(names) else run)
+    return frame.assign(run=runs)
+
+
 def load_report(out_dir: str | Path) -> ReportResults:
-    """A `vlmrel report --out` folder: report.json + the five CSV tables."""
+    """A `vlmrel report --out` folder: report.json + the five CSV tables (repeated runs named as in report.json)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise ResultsError(f"report folder not found: {out}")
+    summary = load_report_summary(out / "report.json")
+    names = [run.name for run in summary.runs]
     return ReportResults(
         out_dir=out,
-        summary=load_report_summary(out / "report.json"),
-        table7=load_table7(out / "table7.csv"),
+        summary=summary,
+        table7=name_repeated_runs(load_table7(out / "table7.csv"), names, ("grouping", "key")),
         gains=load_gains(out / "gains.csv"),
         transfer=load_transfer(out / "transfer.csv"),
-        layer_signals=load_layer_signals(out / "layer_signals.csv"),
+        layer_signals=name_repeated_runs(load_layer_signals(out / "layer_signals.csv"), names, ("signal", "layer")),
         sweep=load_sweep(out / "sweep.csv"),
     )
