@@ -104,7 +104,7 @@ def _cmd_build_gate(args: argparse.Namespace) -> int:
             gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
             gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
             split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
-            progress=progress,
+            novelty_method=args.novelty_method, novelty_shifted_runs=args.novelty_shifted_run, progress=progress,
         )
     report = build.report
     summary = {
@@ -217,6 +217,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--calibration-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--novelty-method", choices=["knn", "mahalanobis", "auto"], default="knn",
+                   help="novelty score; 'auto' picks by held-out AUROC against --novelty-shifted-run")
+    p.add_argument("--novelty-shifted-run", action="append", default=[], metavar="RUN_DIR",
+                   help="an extraction of shifted data from the same model (repeatable; needed by 'auto')")
     p.set_defaults(func=_cmd_build_gate)
 
     p = subparsers.add_parser(
