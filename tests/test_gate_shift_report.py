@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gate_helpers import late_bundle, late_run, write_synthetic_run  # noqa: F401 (fixtures)
@@ -37,3 +39,17 @@ def test_best_on_shifts_refits_the_best_candidate(late_bundle, late_run, runs):
     assert report["novelty_method"] == report["novelty_best_on_shifts"]
     with pytest.raises(ValueError, match="novelty_source"):
         _report(late_bundle, late_run, runs, novelty_source="nearest")
+
+
+def test_cli_shift_report_writes_both_files(tmp_path, late_bundle, late_run, runs, capsys):
+    from vlmrel_core.cli.main import main
+
+    in_domain, shifted = runs
+    assert main(["shift-report", "--config", str(late_bundle.out_dir / "gate.yaml"), "--training-run", str(late_run),
+                 "--in-domain", str(in_domain), "--shift", f"strong={shifted}", "--out", str(tmp_path / "out"),
+                 "--windows", "5", "--shift-windows", "3", "--novelty-source", "best_on_shifts"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["goals"]["shifts"]["strong"]["alarm_rate"] == 1.0
+    report = json.loads((tmp_path / "out" / "shift_report.json").read_text())["model"]
+    assert report["novelty_method"] == report["novelty_best_on_shifts"]
+    assert "| strong |" in (tmp_path / "out" / "shift_report.md").read_text()

@@ -161,7 +161,8 @@ def _cmd_shift_report(args: argparse.Namespace) -> int:
         shifts[name] = path
     with tqdm_progress("shift report") as progress:
         result = shift_report(args.config, args.training_run, args.in_domain, shifts, n_windows=args.windows,
-                              n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed, progress=progress)
+                              n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed,
+                              novelty_source=args.novelty_source, progress=progress)
     json_path, md_path = write_shift_report({args.name: result}, args.out)
     print(_json({"json": str(json_path), "markdown": str(md_path), "goals": result["goals"]}))
     return 0
@@ -238,6 +239,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shift-windows", type=int, default=10, help="windows per size per shift")
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--novelty-source", choices=["bundle", "best_on_shifts"], default="bundle",
+                   help="bundle: the gate's own novelty statistics; best_on_shifts: refit the best candidate on these shifts")
     p.set_defaults(func=_cmd_shift_report)
 
     p = subparsers.add_parser(
