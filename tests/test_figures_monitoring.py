@@ -13,8 +13,19 @@ from vlmrel_core.samples.catalog import sample_catalog
 SAMPLES = sample_catalog()
 
 
-def test_drift_figure_on_a_file_without_window_values_shows_the_whole_run_and_says_so():
+def test_the_shipped_drift_checks_carry_per_window_values():
     shifted = R.load_drift(SAMPLES.gate_file("late_fusion", "drift.json"))["shifted"]
+    figure = drift_figure(shifted, "shifted")
+    assert len(figure.data[0].y) >= 2 and "per-window values not stored" not in str(figure.layout.annotations)
+
+
+def test_drift_figure_on_a_file_without_window_values_shows_the_whole_run_and_says_so(tmp_path):
+    """Bundles written before drift.json carried ``windows.values`` still draw (one bar for the whole run)."""
+    raw = json.loads(SAMPLES.gate_file("late_fusion", "drift.json").read_text())
+    for entry in raw.values():
+        entry["windows"].pop("values")
+    (tmp_path / "drift.json").write_text(json.dumps(raw))
+    shifted = R.load_drift(tmp_path)["shifted"]
     figure = drift_figure(shifted, "shifted")
     assert list(figure.data[0].y) == [shifted.kl] and list(figure.data[1].y) == [shifted.embedding_shift]
     assert figure.data[0].marker.color == ("#d62728",)  # alert → red

@@ -66,3 +66,27 @@ def test_bad_routing_arguments_name_the_field(tmp_path, late_run):
     with pytest.raises(ValueError, match="threshold must be a calibrated confidence"):
         build_gate_from_run(late_run, layer=3, threshold=1.5, c_grid=FAST_C_GRID)
     assert not (tmp_path / "bad").exists()
+
+
+def test_novelty_auto_picks_the_candidate_with_the_best_held_out_auroc(tmp_path, late_run, tiny_loaded):
+    """Against a shifted run the choice is measured and recorded; without one 'auto' fails before any fitting."""
+    shifted = write_synthetic_run(tmp_path / "shifted", tiny_loaded["late_fusion"].fingerprint, n=200, seed=3,
+                                  shift=1.0)
+    build = build_gate_from_run(late_run, layer=3, risk_target=0.2, delta=0.1, c_grid=FAST_C_GRID,
+                                novelty_method="auto", novelty_shifted_runs=[shifted])
+    selection = build.report["novelty"]["selection"]
+    table = selection["candidates"]
+    assert selection["chosen"] == max(table, key=lambda name: table[name]["mean_auroc"])
+    assert build.novelty.method == selection["chosen"].split("_")[0]
+    assert table[selection["chosen"]]["auroc_vs_in_domain"]["shifted"] > 0.95
+    with pytest.raises(ValueError, match="needs novelty_shifted_runs"):
+        build_gate_from_run(late_run, layer=3, risk_target=0.2, novelty_method="auto")
+    other = write_synthetic_run(tmp_path / "other_model", "f" * 16, n=200, seed=4)
+    with pytest.raises(ValueError, match="is from model"):
+        build_gate_from_run(late_run, layer=3, risk_target=0.2, c_grid=FAST_C_GRID, novelty_method="auto",
+                            novelty_shifted_runs=[other])
+
+
+def test_the_default_novelty_is_knn_and_says_so(late_bundle):
+    assert late_bundle.novelty.method == "knn"
+    assert late_bundle.report["novelty"]["selection"] == {"criterion": "given", "chosen": "knn"}

@@ -104,7 +104,7 @@ def _cmd_build_gate(args: argparse.Namespace) -> int:
             gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
             gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
             split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
-            progress=progress,
+            novelty_method=args.novelty_method, novelty_shifted_runs=args.novelty_shifted_run, progress=progress,
         )
     report = build.report
     summary = {
@@ -161,7 +161,8 @@ def _cmd_shift_report(args: argparse.Namespace) -> int:
         shifts[name] = path
     with tqdm_progress("shift report") as progress:
         result = shift_report(args.config, args.training_run, args.in_domain, shifts, n_windows=args.windows,
-                              n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed, progress=progress)
+                              n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed,
+                              novelty_source=args.novelty_source, progress=progress)
     json_path, md_path = write_shift_report({args.name: result}, args.out)
     print(_json({"json": str(json_path), "markdown": str(md_path), "goals": result["goals"]}))
     return 0
@@ -217,6 +218,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--calibration-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--novelty-method", choices=["knn", "mahalanobis", "auto"], default="knn",
+                   help="novelty score; 'auto' picks by held-out AUROC against --novelty-shifted-run")
+    p.add_argument("--novelty-shifted-run", action="append", default=[], metavar="RUN_DIR",
+                   help="an extraction of shifted data from the same model (repeatable; needed by 'auto')")
     p.set_defaults(func=_cmd_build_gate)
 
     p = subparsers.add_parser(
@@ -234,6 +239,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shift-windows", type=int, default=10, help="windows per size per shift")
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--novelty-source", choices=["bundle", "best_on_shifts"], default="bundle",
+                   help="bundle: the gate's own novelty statistics; best_on_shifts: refit the best candidate on these shifts")
     p.set_defaults(func=_cmd_shift_report)
 
     p = subparsers.add_parser(

@@ -150,6 +150,13 @@ def _cmd_refresh_sample_data(args: argparse.Namespace) -> int:
 
     families = args.families.split(",")
     check_sample_root(args.root, families)
+    if args.only == "gates":
+        from vlmrel_core.samples.refresh import refresh_gates
+
+        with tqdm_progress("refresh gate bundles", unit="step") as progress:
+            refresh_gates(args.root, families=families, threads=args.threads, progress=progress,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+        return 0
     with tqdm_progress("refresh-sample-data", unit="step") as progress:
         refresh_sample_data(args.root, families=families, self_consistency_k=args.self_consistency_k,
                             parallel=not args.sequential, threads=args.threads, progress=progress,
@@ -231,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-consistency-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--sequential", action="store_true", help="one family after the other instead of one process per family")
+    p.add_argument("--only", choices=["gates"], default=None,
+                   help="gates: rebuild only the gate bundles, drift.json and live_run.json from the shipped runs")
     p.set_defaults(func=_cmd_refresh_sample_data)
 
     p = sub.add_parser("info", help="summarise an extraction run")

@@ -33,7 +33,8 @@ from vlmrel_core.gate.config import (
     RiskTarget,
     RoutingSection,
 )
-from vlmrel_core.gate.novelty import NoveltyModel, fit_novelty
+from vlmrel_core.gate.novelty import NoveltyModel
+from vlmrel_core.gate.novelty_choice import NoveltyChoice, fit_chosen_novelty, shifted_run_states
 from vlmrel_core.gate.records import CalibrationBundle, DriftReference
 from vlmrel_core.gate.risk import RiskThreshold, UnreachableRiskTarget, select_risk_threshold
 from vlmrel_core.gate.runtime import ReliabilityGate, architecture_name
@@ -160,6 +161,8 @@ def build_gate_from_run(
     split: SplitSpec | None = None,
     seed: int = 0,
     c_grid: Sequence[float] = DEFAULT_C_GRID,
+    novelty_method: NoveltyChoice = "knn",
+    novelty_shifted_runs: Sequence[str | Path] = (),
     progress: Progress | None = None,
 ) -> GateBuild:
     """Fit a gate on a cached extraction run and (if ``out_dir``) write its bundle.
@@ -171,6 +174,8 @@ def build_gate_from_run(
     `risk.select_risk_threshold` on the calibration split's *raw* probe scores (candidates independent of the
     labels, so the Learn-then-Test guarantee holds as proved) and raises `UnreachableRiskTarget` when no
     threshold can be certified. ``gray_zone="auto"`` is the band threshold ± ``gray_zone_halfwidth``.
+    ``novelty_method="auto"`` picks the novelty score by held-out AUROC against ``novelty_shifted_runs``
+    (`gate.novelty_choice`); the choice and the comparison go into the report.
     """
     if (threshold is None) == (risk_target is None):
         raise ValueError("give exactly one of threshold (a calibrated confidence) or risk_target")
@@ -178,6 +183,10 @@ def build_gate_from_run(
         raise ValueError(f"calibration_method must be 'temperature_scaling' or 'isotonic', got {calibration_method!r}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a calibrated confidence in [0, 1], got {threshold}")
+    if novelty_method not in ("knn", "mahalanobis", "auto"):
+        raise ValueError(f"novelty_method must be 'knn', 'mahalanobis' or 'auto', got {novelty_method!r}")
+    if novelty_method == "auto" and not novelty_shifted_runs:
+        raise ValueError("novelty_method='auto' needs novelty_shifted_runs (shifted extractions to measure against)")
     reader = RunReader(run_dir)
     manifest = reader.manifest
     rows = reader.rows
@@ -241,9 +250,12 @@ def build_gate_from_run(
 
     report_progress(progress, 3, total, "held-out report")
     held_out = np.union1d(cal, test)
-    # Novelty: the k-NN score beat Mahalanobis (Ledoit-Wolf and OAS) on the shift report's held-out AUROC (late
-    # fusion; early fusion was a near tie); threshold set on the calibration split (see gate.novelty).
-    novelty = fit_novelty(states[parts.train], states[cal], "knn", seed=seed)
+    # Novelty: by default k-NN, which beat Mahalanobis (Ledoit-Wolf and OAS) on the shift report's held-out AUROC
+    # (late fusion; early fusion was a near tie); threshold set on the calibration split (see gate.novelty).
+    shifted = (shifted_run_states(novelty_shifted_runs, manifest.model_fingerprint, pooling, target_layer)
+               if novelty_shifted_runs else {})
+    novelty, novelty_selection = fit_chosen_novelty(states[parts.train], states[cal], states[test], novelty_method,
+                                                    shifted, seed=seed)
     drift_reference = DriftReference(conf[held_out], states[held_out].astype(np.float64).mean(axis=0),
                                      source=f"{run_dir}: calibration + test rows (n={held_out.size})")
     signal_calibrators = {
@@ -295,7 +307,8 @@ def build_gate_from_run(
     }
     report["novelty"] = {"method": novelty.method, "threshold": novelty.threshold,
                          "false_reject_rate_target": novelty.false_reject_rate,
-                         "false_reject_rate_test": float(novelty.is_novel(states[test]).mean()) if test.size else None}
+                         "false_reject_rate_test": float(novelty.is_novel(states[test]).mean()) if test.size else None,
+                         "selection": novelty_selection}
     build = GateBuild(config, probe, calibrator, calibration, report, novelty=novelty)
     if out_path is not None:
         report_progress(progress, 4, total, "write bundle")
