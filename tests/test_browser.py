@@ -1,7 +1,9 @@
 """The dashboard in a real browser: `streamlit run app.py` on a loopback port, driven by Playwright + Chromium.
 
 Every page is reached through the sidebar (never a deep link: a `pages/` folder would start Streamlit's legacy
-multipage mode), its title asserted, its checks run and a screenshot saved to docs/screenshots/ for the README.
+multipage mode), its title asserted, its checks run and a screenshot saved. Screenshots go to a temporary folder unless
+VLMREL_SCREENSHOTS names one: `VLMREL_SCREENSHOTS=docs/screenshots python -m pytest tests/test_browser.py` refreshes
+the README's pictures deliberately (a plain test run never rewrites tracked files).
 Adding a page is one line in PAGES. With CI=true a missing browser fails; locally it skips with the reason.
 """
 
@@ -25,7 +27,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = REPO / "docs" / "screenshots"
+SCREENSHOTS_ENV = os.environ.get("VLMREL_SCREENSHOTS")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SAMPLE_IMAGE = next((REPO / "sample_data" / "shapes_pope" / "images").glob("*.png"))
 
@@ -224,8 +226,9 @@ def _screenshot(page: "Page", name: str) -> None:
     height = page.evaluate('document.querySelector(\'[data-testid="stMain"]\')?.scrollHeight || 900')
     page.set_viewport_size({"width": 1280, "height": min(max(int(height), 900), 3000)})
     _settle(page, 0.3)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / name
+    folder = Path(SCREENSHOTS_ENV) if SCREENSHOTS_ENV else Path(os.environ.get("TMPDIR", "/tmp")) / "vlmrel-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     page.screenshot(path=str(path), full_page=True)
     with Image.open(path) as shot:  # 128-colour palette: a README picture, a fraction of the bytes
         small = shot.convert("RGB").quantize(colors=128)
