@@ -10,7 +10,7 @@ import streamlit as st
 from dashboard_common import attempt, sidebar_model_choice
 from dashboard_results import attention_rows, family_report, signal_association
 from vlmrel_core.figures.attention import attention_overlay, attention_probe_scatter, selected_id
-from vlmrel_core.inspection.images import load_image_bytes
+from vlmrel_core.validation.images import load_image
 from vlmrel_core.results.attention_probe import ATTENTION_SIGNAL_KEYS, signal_label
 
 MEAN_MAP_LABEL = "layer-mean map"
@@ -92,7 +92,7 @@ with info:
     st.metric(signal_label(key, layer), f"{values[position]:.3f}")
 with picture:
     grid = attempt("Reading the attention map", lambda: run.attention_map(sample, layer))
-    image = attempt("Opening the image", lambda: load_image_bytes(run.image_path(sample).read_bytes(), run.image_path(sample).name))
+    image = attempt("Opening the image", lambda: load_image(run.image_path(sample)).image)
     if grid is not None and image is not None:
         st.plotly_chart(attention_overlay(image, grid, title=f"Answer→image attention ({layer_choice if layer is None else f'layer {layer}'})"),
                         width="stretch", key="attn_overlay")

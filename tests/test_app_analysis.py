@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SAMPLES
 
 pytest.importorskip("streamlit.testing.v1")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -94,7 +94,9 @@ def test_calibration_recertifies_live_and_says_when_a_target_is_unreachable():
     app = _page("pages/calibration.py")
     assert app.title[0].value.startswith("Calibration")
     shipped = _metrics(app)
-    assert shipped["Threshold (calibrated)"] == "0.784" and shipped["Coverage (test)"] == "35.1%"
+    report = json.loads((SAMPLES.gate_dir("late_fusion") / "report.json").read_text())  # the shipped certificate
+    assert shipped["Threshold (calibrated)"] == f"{report['threshold']:.3f}"
+    assert shipped["Coverage (test)"] == f"{report['test']['coverage']:.1%}"
     metrics_table = _frame(app, "calibration_metrics")
     assert list(metrics_table["stage"]) == ["before", "temperature scaling", "isotonic"]
     assert all("[" in v for v in metrics_table["ECE"])
