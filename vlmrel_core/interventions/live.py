@@ -20,7 +20,7 @@ from PIL import Image
 
 from vlmrel_core.analysis.metrics import bootstrap_replicates, percentile_interval
 from vlmrel_core.data.loader import VQASample
-from vlmrel_core.engine.adapters.base import is_correct
+from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.run import run_batch
 from vlmrel_core.interventions.ablation import DimensionAblation, random_dimensions, top_k_dimensions
 from vlmrel_core.interventions.masking import MASK_WHICH, attention_grids, mask_image_patches
