@@ -86,3 +86,43 @@ def test_the_shift_report_table_shows_the_json_values():
     assert table.loc[("early_fusion", "jpeg"), "certified_coverage"] == jpeg["certified_rule"]["coverage"]
     assert table.loc[("early_fusion", "jpeg"), "alarm_rate@200"] == jpeg["windows"]["200"]["alarm_rate"]
     assert "shift_alarms" in " ".join(_chart_ids(app))
+
+
+def test_a_valid_edit_is_what_the_batch_runs_with():
+    """route_novel off: the same shifted questions no longer go to the fallback as 'out of distribution'."""
+    app = _page()
+    app.radio(key="batch_source").set_value("shipped shifted split")
+    app.number_input(key="batch_limit").set_value(16)
+    app.number_input(key="batch_window").set_value(8)
+    app.button(key="run_batch").click().run()
+    shipped = {m.label: m.value for m in app.metric}
+    assert shipped["Novelty-routed share"] != "0.0%"
+    text = app.text_area(key="gate_yaml").value
+    app.text_area(key="gate_yaml").set_value(text.replace("route_novel: true", "route_novel: false")).run()
+    assert not app.error and "(edited)" in " ".join(c.value for c in app.caption)
+    app.button(key="run_batch").click().run()
+    assert not app.exception and not app.error
+    assert {m.label: m.value for m in app.metric}["Novelty-routed share"] == "0.0%"
+
+
+def test_an_uploaded_jsonl_with_its_image_runs_and_a_bad_one_shows_one_error():
+    from vlmrel_core.samples.catalog import sample_catalog
+
+    folder = sample_catalog().drift_dir()
+    image = folder / "images" / "1000000.png"
+    rows = [{"question_id": i, "image": "1000000.png", "text": q} for i, q in
+            enumerate(["is there a green triangle in the image?", "is there a yellow triangle in the image?"])]
+    app = _page()
+    app.radio(key="batch_source").set_value("upload (JSONL + images)").run()
+    app.file_uploader(key="batch_jsonl").upload("q.jsonl", b'{"question_id": 0, "image": "missing.png"}\n',
+                                                 "application/jsonl").run()
+    app.button(key="run_batch").click().run()
+    assert not app.exception and len(app.error) == 1 and "Reading the questions" in app.error[0].value
+    app.file_uploader(key="batch_jsonl").upload("q.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(),
+                                                 "application/jsonl")
+    app.file_uploader(key="batch_images").upload("1000000.png", image.read_bytes(), "image/png")
+    app.number_input(key="batch_window").set_value(2)
+    app.button(key="run_batch").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert "2 questions" in _chart(app, "batch_routing")["layout"]["title"]["text"]
+    assert any("Unlabelled batch" in c.value for c in app.caption)
