@@ -102,10 +102,14 @@ def test_recalibration_needs_enough_labels_and_reports_ece(components):
 
 def test_figures_draw_windows_tests_and_routing(components):
     from vlmrel_core.figures.monitor_batch import batch_routing_figure, window_confidence_figure, window_tests_figure
+    from vlmrel_core.figures.style import CORRECT, WRONG
 
     batch = monitor_batch(components, _batch(components, shifted=True), window=20)
     assert len(window_confidence_figure(batch).data) == 1 + len(batch.windows)
     tests = window_tests_figure(batch)
     assert len(tests.data) == 5  # KL, KS, embedding shift, classifier, novelty_rate
+    assert all(colour == WRONG for colour in tests.data[0].marker.color)  # every shifted window's KL alarms
+    quiet = window_tests_figure(monitor_batch(components, _batch(components, shifted=False), window=20))
+    assert all(colour == CORRECT for trace in quiet.data[3:] for colour in trace.marker.color)  # OOD tests quiet
     routing = batch_routing_figure(batch).data[0]
     assert list(routing.y)[-1] == pytest.approx(0.25)

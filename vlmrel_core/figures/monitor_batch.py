@@ -27,7 +27,7 @@ def window_confidence_figure(batch: BatchMonitoring) -> go.Figure:
 
 def window_tests_figure(batch: BatchMonitoring) -> go.Figure:
     """Each drift test's value per window with its threshold dashed: KL, KS p-value, embedding shift and the
-    gate's OOD window tests (p-values against their Bonferroni alpha)."""
+    gate's OOD window tests (p-values against their Bonferroni alpha); a marker is red where that test alarms."""
     x = [f"{w['start']}–{w['stop']}" for w in batch.windows]
     panels = [("KL (confidence histogram)", "kl", batch.thresholds["kl"]),
               ("KS p-value", "ks_pvalue", batch.thresholds["ks_alpha"])]
@@ -38,7 +38,8 @@ def window_tests_figure(batch: BatchMonitoring) -> go.Figure:
                            subplot_titles=[p[0] for p in panels])
     for row, (title, key, threshold) in enumerate(panels, start=1):
         values = [w["tests"][key]["pvalue"] if key in batch.window_tests else w[key] for w in batch.windows]
-        colours = [WRONG if w["alert"] else CORRECT for w in batch.windows]
+        below = key == "ks_pvalue" or key in batch.window_tests  # p-values alarm below alpha, the rest above
+        colours = [CORRECT if v is None or (v >= threshold if below else v <= threshold) else WRONG for v in values]
         figure.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=title, line={"color": "gray"},
                                     marker={"color": colours, "size": 9}), row=row, col=1)
         figure.add_hline(y=threshold, line_dash="dash", line_color="firebrick", row=row, col=1,
