@@ -4,7 +4,6 @@ checks, labels optional for uploads)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,10 +15,9 @@ SOURCES: dict[str, str | None] = {"shipped in-domain split": "in_domain", "shipp
                                   "upload (JSONL + images)": None}
 
 
-def _uploaded_samples(jsonl: Any, images: Sequence[Any] | None) -> list[VQASample]:
+def _uploaded_samples(jsonl: Any, images: Sequence[Any] | None, folder: Path) -> list[VQASample]:
     if jsonl is None:
         raise DatasetError("upload a questions JSONL (one object per line: image, question, optional label)")
-    folder = Path(tempfile.mkdtemp(prefix="vlmrel_batch_"))
     for image in images or []:
         name = Path(image.name).name
         if not name or name.startswith("."):
@@ -31,11 +29,17 @@ def _uploaded_samples(jsonl: Any, images: Sequence[Any] | None) -> list[VQASampl
 
 
 def batch_samples(split: str | None, jsonl: Any = None, images: Sequence[Any] | None = None,
-                  limit: int = 100) -> list[VQASample]:
-    """The first ``limit`` questions of a shipped drift split, or of the uploaded JSONL (its images uploaded too)."""
+                  limit: int = 100, folder: str | Path | None = None) -> list[VQASample]:
+    """The first ``limit`` questions of a shipped drift split, or of the uploaded JSONL (its images uploaded too),
+    written into ``folder`` (a temporary folder the caller removes once the gate has read the images)."""
     if limit < 1:
         raise DatasetError(f"the number of questions must be >= 1, got {limit}")
-    samples = load_vqa_jsonl(sample_catalog().drift_dataset(split)) if split else _uploaded_samples(jsonl, images)
+    if split:
+        samples = load_vqa_jsonl(sample_catalog().drift_dataset(split))
+    elif folder is None:
+        raise DatasetError("an upload needs a folder to be written to")
+    else:
+        samples = _uploaded_samples(jsonl, images, Path(folder))
     if not samples:
         raise DatasetError("the questions file holds no questions")
     return samples[:limit]

@@ -6,6 +6,8 @@ and the shipped shift report."""
 
 from __future__ import annotations
 
+import tempfile
+
 import streamlit as st
 
 from dashboard_common import attempt, load_gate_cached, sidebar_model_choice, streamlit_progress
@@ -83,8 +85,9 @@ limit = a.number_input("Questions (first N)", min_value=1, max_value=2000, value
 window = b.number_input("Window (decisions per drift check)", min_value=2, max_value=1000, value=25, step=5,
                         key="batch_window", help=f"OOD window tests need at least {MIN_WINDOW} per window.")
 if st.button("Run batch", key="run_batch", disabled=config is None):
+    upload_folder = tempfile.TemporaryDirectory(prefix="vlmrel_batch_")  # removed once the gate has run
     samples = attempt("Reading the questions", lambda: batch_samples(SOURCES[source], uploaded_jsonl, uploaded_images,
-                                                                     int(limit)))
+                                                                     int(limit), upload_folder.name))
     if samples:
         loaded = attempt("Loading the model", lambda: load_gate_cached(str(choice.gate_yaml)).loaded)
         if loaded is not None:
@@ -97,6 +100,7 @@ if st.button("Run batch", key="run_batch", disabled=config is None):
             outcome = attempt("Running the batch", run_batch)
             if outcome is not None:
                 st.session_state["batch_result"] = (f"{source}, {len(samples)} questions", *outcome)
+    upload_folder.cleanup()
 
 shown = st.session_state.get("batch_result")
 if shown is None:
