@@ -5,13 +5,13 @@ and shared by all sessions) with a spinner that says what it does; pages compute
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
+from vlmrel_core.validation.errors import int_setting
 from vlmrel_core.samples.catalog import FAMILIES, FAMILY_SPECS, sample_catalog
 
 GROUPINGS = {"held-out images": "image", "held-out items": "item"}
@@ -86,14 +86,7 @@ DEFAULT_MASKING_QUESTIONS = 300
 
 
 def masking_question_count() -> int:
-    value = os.environ.get(MASKING_QUESTIONS_ENV, str(DEFAULT_MASKING_QUESTIONS))
-    try:
-        count = int(value)
-    except ValueError:
-        raise ValueError(f"{MASKING_QUESTIONS_ENV}={value!r} is not a whole number") from None
-    if count < 2:
-        raise ValueError(f"{MASKING_QUESTIONS_ENV} must be at least 2, got {count}")
-    return count
+    return int_setting(MASKING_QUESTIONS_ENV, DEFAULT_MASKING_QUESTIONS, minimum=2)
 
 
 @dataclass

@@ -28,9 +28,9 @@ N_BOOT = 100
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip\s*[—-]+\s*(?P<reason>[^>]*?)\s*-->")
 
 
-def readme_blocks(text: str) -> list[tuple[list[str], str | None]]:
-    """(commands, skip reason) for each ```bash block; continuation lines joined, comments dropped."""
-    blocks: list[tuple[list[str], str | None]] = []
+def readme_blocks(text: str) -> list[tuple[list[list[str]], str | None]]:
+    """(commands as argv lists, skip reason) for each ```bash block; continuation lines joined, comments dropped."""
+    blocks: list[tuple[list[list[str]], str | None]] = []
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -43,7 +43,7 @@ def readme_blocks(text: str) -> list[tuple[list[str], str | None]]:
                 body.append(lines[i])
                 i += 1
             joined = "\n".join(body).replace("\\\n", " ")
-            commands = [" ".join(shlex.split(line, comments=True)) for line in joined.splitlines()]
+            commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
             blocks.append(([c for c in commands if c], skip.group("reason") if skip else None))
         i += 1
     return blocks
@@ -73,9 +73,9 @@ def test_readme_first_block_is_the_whole_setup() -> None:
     assert skip is None
     assert len(commands) == 3, commands
     install, dashboard, tests = commands
-    assert install.startswith("pip install -e") and '.[test]' in install.replace("'", "").replace('"', "")
-    assert dashboard == "streamlit run app.py" and (ROOT / "app.py").is_file()
-    assert tests == "python -m pytest"
+    assert install[:3] == ["pip", "install", "-e"] and install[3] == ".[test]"
+    assert dashboard == ["streamlit", "run", "app.py"] and (ROOT / "app.py").is_file()
+    assert tests == ["python", "-m", "pytest"]
     assert "python3 -m pytest" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -93,8 +93,8 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
     for commands, skip in readme_blocks(README.read_text())[1:]:
         if skip is not None:
             continue
-        for command in commands:
-            argv = shlex.split(command)
+        for argv in commands:
+            command = shlex.join(argv)
             if argv[0] != "vlmrel":
                 assert argv[0] in {"python", "pip"}, f"README command not covered by this test: {command}"
                 if argv[0] == "python" and argv[1].endswith(".py"):

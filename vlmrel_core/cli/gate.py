@@ -172,9 +172,9 @@ def _cmd_shift_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add `gate`, `build-gate`, `shift-report` and `drift` to the `vlmrel` subcommands."""
     from vlmrel_core.cli.args import bounded_int
 
-    """Add `gate`, `build-gate` and `drift` to the `vlmrel` subcommands (``parser.add_subparsers(...)``)."""
     p = subparsers.add_parser(
         "gate", help="answer with a calibrated confidence and a route (one image, or a JSONL batch)",
         description="Run the reliability gate of a bundle: the answer, its calibrated confidence, the action "
@@ -235,8 +235,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shift", action="append", default=[], required=True, help="NAME=RUN_DIR (repeatable)")
     p.add_argument("--out", required=True, help="folder for shift_report.json + shift_report.md")
     p.add_argument("--name", default="model", help="section name in the report")
-    p.add_argument("--windows", type=int, default=50, help="in-domain windows per size")
-    p.add_argument("--shift-windows", type=int, default=10, help="windows per size per shift")
+    p.add_argument("--windows", type=bounded_int(1, 10_000), default=50, help="in-domain windows per size")
+    p.add_argument("--shift-windows", type=bounded_int(1, 10_000), default=10, help="windows per size per shift")
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--novelty-source", choices=["bundle", "best_on_shifts"], default="bundle",

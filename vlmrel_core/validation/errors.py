@@ -7,6 +7,8 @@ callers that already catch ValueError keep working.
 
 from __future__ import annotations
 
+import os
+
 EXCERPT_CHARS = 80
 
 
@@ -25,4 +27,19 @@ def check_int_range(name: str, value: int, low: int, high: int) -> int:
     """``value`` when ``low <= value <= high``, else `InputError` naming the setting and its range."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InputError(f"{name} must be an integer from {low:,} to {high:,}, got {excerpt(value, 40)}")
+    return value
+
+
+def int_setting(name: str, default: int, minimum: int = 1) -> int:
+    """An integer setting from the environment variable ``name`` (``default`` when unset), refused in words when it
+    is not a whole number or is below ``minimum`` (a typo in a setting must not silently fall back)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a whole number, got {excerpt(raw, 40)!r}") from None
+    if value < minimum:
+        raise InputError(f"{name} must be at least {minimum}, got {value}")
     return value

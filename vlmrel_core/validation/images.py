@@ -9,7 +9,6 @@ The default cap, 36 Mpx, admits an 8K UHD frame (7680 x 4320 = 33.2 Mpx) and any
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vlmrel_core.validation.errors import InputError
+from vlmrel_core.validation.errors import InputError, int_setting
 
 DEFAULT_MAX_PIXELS = 36_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -36,16 +35,7 @@ class ValidatedImage:
 
 def max_pixels_setting() -> int:
     """The pixel cap: VLMREL_MAX_IMAGE_PIXELS when set (a positive integer), else the default."""
-    raw = os.environ.get("VLMREL_MAX_IMAGE_PIXELS")
-    if raw is None:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"VLMREL_MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise InputError(f"VLMREL_MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}")
-    return value
+    return int_setting("VLMREL_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS)
 
 
 def check_image_header(source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None) -> tuple[int, int]:
