@@ -105,6 +105,15 @@ def _check_monitoring(page: "Page") -> None:
     page.get_by_role("radiogroup", name="Comparison").get_by_text("shifted", exact=True).click()
     _settle(page)
     assert _metric_value(page, "Alert") == "yes"
+    for label, value in (("Questions (first N)", "16"), ("Window (decisions per drift check)", "8")):
+        field = page.get_by_role("spinbutton", name=label)
+        field.fill(value)
+        field.press("Enter")
+        _settle(page)
+    page.get_by_role("button", name="Run batch").click()
+    page.get_by_text("Windows alerting").first.wait_for(timeout=120_000)
+    _settle(page)
+    assert _metric_value(page, "Windows alerting").endswith("/2")
 
 
 @dataclass(frozen=True)

@@ -120,12 +120,14 @@ def drift_between_runs(
         recalibrate_on_alert = m.monitoring.retrain_trigger == "auto"
     if report.alert and recalibrate_on_alert:
         report_progress(progress, 3, 4, "recalibrate")
-        result["recalibration"] = _recalibrate_on(components, current, seed)
+        result["recalibration"] = recalibrate_on_current(components, current, seed)
     report_progress(progress, 4, 4, "done")
     return result
 
 
-def _recalibrate_on(components: GateComponents, current: Mapping[str, Any], seed: int) -> dict[str, Any]:
+def recalibrate_on_current(components: GateComponents, current: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Refit the probe calibrator on one image-grouped half of ``current`` (keys ``raw``, ``correct`` or None,
+    ``rows`` with an ``image`` column) and report ECE before/after on the other half; never raises on small data."""
     correct = current["correct"]
     if correct is None:
         return {"done": False, "reason": "the current run has no labels (correct column); label a sample to recalibrate"}
@@ -155,4 +157,4 @@ def _recalibrate_on(components: GateComponents, current: Mapping[str, Any], seed
     }
 
 
-__all__ = ["drift_between_runs", "window_values"]
+__all__ = ["drift_between_runs", "recalibrate_on_current", "window_values"]

@@ -11,6 +11,7 @@ Loader → artifact:
   load_drift                        gate bundle drift.json (with or without per-window values)
   load_ablation_table               reports/ablation/*.csv
   load_live_run                     gates/<fam>/live_run.json
+  load_shift_report                 reports/shift/shift_report.json (per shift x model table, in-domain rates)
   load_family_results               all of the above for one shipped family, through the sample-data catalog
 """
 
@@ -27,13 +28,14 @@ from vlmrel_core.results.report import (
     load_sweep, load_table7, load_transfer,
 )
 from vlmrel_core.results.runs import LensCurves, RunResults, load_run, load_run_manifest
+from vlmrel_core.results.shift import ModelShiftReport, ShiftReport, load_shift_report
 from vlmrel_core.results.shipped import FamilyResults, load_family_results, load_shipped_ablation, load_shipped_run
 
 __all__ = [
     "AblationTable", "CalibrationMetrics", "CalibrationResults", "DriftComparison", "DriftResults", "DriftWindow",
-    "DriftWindows", "FamilyResults", "GateBundleResults", "GateReport", "LensCurves", "LiveRun", "ReliabilityBins",
-    "ReportResults", "ReportSummary", "ResultsError", "RiskCoverage", "RunResults", "SignalCalibration", "SweepTable",
+    "DriftWindows", "FamilyResults", "GateBundleResults", "GateReport", "LensCurves", "LiveRun", "ModelShiftReport", "ReliabilityBins",
+    "ReportResults", "ReportSummary", "ResultsError", "RiskCoverage", "RunResults", "ShiftReport", "SignalCalibration", "SweepTable",
     "load_ablation_table", "load_calibration", "load_drift", "load_family_results", "load_gains", "load_gate_bundle",
     "load_gate_report", "load_layer_signals", "load_live_run", "load_report", "load_report_summary", "load_run",
-    "load_run_manifest", "load_shipped_ablation", "load_shipped_run", "load_sweep", "load_table7", "load_transfer",
+    "load_run_manifest", "load_shift_report", "load_shipped_ablation", "load_shipped_run", "load_sweep", "load_table7", "load_transfer",
 ]

@@ -144,6 +144,9 @@ class SampleCatalog:
     def ablation_dir(self, *, check: bool = True) -> Path:
         return self._path(self.root / "reports" / "ablation", check, "ablation folder")
 
+    def shift_report(self, *, check: bool = True) -> Path:
+        return self._path(self.root / "reports" / "shift" / "shift_report.json", check, "shift report")
+
     # gate bundles
     def gate_dir(self, family: str, *, check: bool = True) -> Path:
         return self._path(self.root / "gates" / _check_name(family, FAMILIES, "family"), check, "gate bundle")
