@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,9 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
                     assert (ROOT / argv[1]).is_file(), f"README names a missing script: {command}"
                 continue
             full = [sys.executable, "-m", "vlmrel_core.cli.main", *capped(argv)[1:]]
+            started = time.perf_counter()
             done = subprocess.run(full, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            print(f"{time.perf_counter() - started:6.1f} s  {command}")  # shown with -s: where the README's time goes
             assert done.returncode == 0, f"`{command}` failed as written:\n{done.stderr[-3000:]}"
             ran += 1
     assert ran >= 8, f"only {ran} README commands ran"
