@@ -2,7 +2,7 @@
 
 Why: a README that drifts from the CLI is the first thing a newcomer meets. Each command runs as written except
 that data-sized options are capped so the suite stays fast: ``--limit`` is added where the subcommand takes it (and
-``--n-boot`` lowered), never a path or a flag changed. A block the suite must not run (a 27-minute training, a
+``--n-boot`` and ``--n-permutations`` lowered), never a path or a flag changed. A block the suite must not run (a 27-minute training, a
 real hub checkpoint) is preceded by ``<!-- readme-test: skip — reason -->`` and its reason is checked to be
 stated. The first block's install / dashboard / test lines are checked for what they name (the extra exists, the
 app file exists, the test command is the one `.ci/run` calls), since running them inside pytest would recurse.
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 ROW_LIMIT = 200  # enough rows for grouped splits with both classes; ~4 s of extraction per command
 N_BOOT = 100
+N_PERMUTATIONS = 5
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip\s*[—-]+\s*(?P<reason>[^>]*?)\s*-->")
 
 
@@ -66,6 +67,8 @@ def capped(argv: list[str]) -> list[str]:
         out += ["--limit", str(ROW_LIMIT)]
     if "--n-boot" in options and "--n-boot" not in out:
         out += ["--n-boot", str(N_BOOT)]
+    if "--n-permutations" in options and "--n-permutations" not in out:
+        out += ["--n-permutations", str(N_PERMUTATIONS)]
     return out
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmrel_core.analysis.probes import DEFAULT_C_GRID
+from vlmrel_core.cli.args import bounded_int
 from vlmrel_core.progress import tqdm_progress
 
 
@@ -32,7 +32,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of groups held out for testing")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per CI")
     p.add_argument("--poolings", default="all", help="'all' or comma-separated poolings the run extracted")
-    p.add_argument("--c-grid", type=_c_grid, default=DEFAULT_C_GRID, help="comma-separated C values for grouped CV")
+    p.add_argument("--c-grid", type=_c_grid, default=None,
+                   help="comma-separated C values for grouped CV (default: the library's grid)")
+
+
+def _c_grid_or_default(args: argparse.Namespace) -> tuple[float, ...]:
+    """The grid given, else the library's (imported here: scikit-learn is not loaded for `vlmrel --help`)."""
+    from vlmrel_core.analysis.probes import DEFAULT_C_GRID
+
+    return args.c_grid if args.c_grid is not None else DEFAULT_C_GRID
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -45,7 +53,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with tqdm_progress("vlmrel sweep", unit="probe") as progress:
         sweep = sweep_layers(reader, _poolings(args.poolings),
                              SplitSpec(args.grouping, args.test_fraction, 0.0, args.seed),
-                             seed=args.seed, n_boot=args.n_boot, c_grid=args.c_grid, progress=progress)
+                             seed=args.seed, n_boot=args.n_boot, c_grid=_c_grid_or_default(args), progress=progress)
     out = Path(args.out) if args.out else Path(args.run_dir) / "analysis" / f"sweep-{args.grouping}"
     paths = write_sweep(sweep, out)
     summary = sweep.to_dict()
@@ -66,8 +74,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     with tqdm_progress("vlmrel report", unit="step") as progress:
         report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
-                              poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=args.c_grid,
-                              transfer=not args.no_transfer, progress=progress)
+                              poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=_c_grid_or_default(args),
+                              transfer=not args.no_transfer, n_permutations=args.n_permutations, progress=progress)
     paths = write_report(report, args.out, save_probes=not args.no_save_probes)
     from vlmrel_core.figures.html_report import write_html_report
 
@@ -97,6 +105,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--out", required=True, help="folder for the CSV / Markdown / JSON report")
     p.add_argument("--ensemble-k", type=int, default=5, help="last k layers for the multi-layer probes")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer table")
+    p.add_argument("--n-permutations", type=bounded_int(2, 10_000), default=20,
+                   help="shuffled-label probes fitted for the null distribution (the control)")
     p.add_argument("--no-save-probes", action="store_true", help="do not save the selected probes under OUT/probes")
     _add_common(p)
     p.set_defaults(func=cmd_report)
