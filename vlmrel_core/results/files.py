@@ -12,9 +12,15 @@ from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 import pandas as pd
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class LooseModel(BaseModel):
+    """Base of every result schema: writers may add keys later; the ones read are required and typed."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
 class ResultsError(ValueError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
 from vlmrel_core.analysis.probes import ProbeError
 from vlmrel_core.gate.config import GateConfig, GateConfigError, load_gate_config
@@ -24,17 +24,13 @@ from vlmrel_core.gate.bundle import (
     BUNDLE_CALIBRATION, BUNDLE_CONFIG, BUNDLE_REPORT, GateComponents, load_gate_components,
 )
 from vlmrel_core.gate.records import CalibrationBundle, GateError
-from vlmrel_core.results.files import ResultsError, read_json_object, validate
+from vlmrel_core.results.files import LooseModel, ResultsError, read_json_object, validate
 from vlmrel_core.results.runs import RunResults
 
 LIVE_RUN = "live_run.json"
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-
-class ReliabilityBins(_Loose):
+class ReliabilityBins(LooseModel):
     """`metrics.ReliabilityBins.to_dict()`: non-empty equal-width bins (mean confidence, accuracy, count)."""
 
     bin_edges: list[float]
@@ -60,7 +56,7 @@ class ReliabilityBins(_Loose):
         return (edges[:-1] + edges[1:]) / 2, counts
 
 
-class CalibrationMetrics(_Loose):
+class CalibrationMetrics(LooseModel):
     ece: float
     ece_equal_mass: float
     mce: float
@@ -69,7 +65,7 @@ class CalibrationMetrics(_Loose):
     calibrator: dict[str, Any] | None = None
 
 
-class SignalCalibration(_Loose):
+class SignalCalibration(LooseModel):
     """One signal's calibration report: metrics before (None for non-probabilities) and after each method."""
 
     is_probability: bool
@@ -82,7 +78,7 @@ class SignalCalibration(_Loose):
     description: str | None = None
 
 
-class RiskCoverage(_Loose):
+class RiskCoverage(LooseModel):
     """Risk–coverage on the test split, at thresholds over calibrated confidence (subsampled to ~50 points)."""
 
     thresholds: list[float]
@@ -98,7 +94,7 @@ class RiskCoverage(_Loose):
         return self
 
 
-class GateReport(_Loose):
+class GateReport(LooseModel):
     """report.json of a gate bundle (`build_gate_from_run`)."""
 
     run_dir: str
@@ -128,7 +124,7 @@ class GateReport(_Loose):
     calibration_summary: list[dict[str, Any]]
 
 
-class LiveRun(_Loose):
+class LiveRun(LooseModel):
     """live_run.json: the gate answering fresh questions end to end (routing shares, accuracy, measured cost)."""
 
     data: str

@@ -13,18 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, RootModel, model_validator
+from pydantic import RootModel, model_validator
 
-from vlmrel_core.results.files import ResultsError, read_csv_table, read_json_object, validate
+from vlmrel_core.results.files import LooseModel, ResultsError, read_csv_table, read_json_object, validate
 
 DRIFT_FILE = "drift.json"
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class DriftWindow(_Loose):
+class DriftWindow(LooseModel):
     index: int
     start: int
     stop: int
@@ -38,7 +34,7 @@ class DriftWindow(_Loose):
     reasons: list[str]
 
 
-class DriftWindows(_Loose):
+class DriftWindows(LooseModel):
     size: int
     n: int
     n_alert: int
@@ -54,7 +50,7 @@ class DriftWindows(_Loose):
         return self
 
 
-class DriftComparison(_Loose):
+class DriftComparison(LooseModel):
     """One current run against the reference: KL, KS, embedding shift, thresholds, alert and its reasons."""
 
     reference_run: str

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
 
-from vlmrel_core.results.files import ResultsError, read_csv_table, read_json_object, validate
+from vlmrel_core.results.files import LooseModel, ResultsError, read_csv_table, read_json_object, validate
 
 ESTIMATE = ("auroc", "auroc_low", "auroc_high")
 SIGNAL_COLUMNS = ("signal", "kind", "description", *ESTIMATE, "r_pb", "r_pb_low", "r_pb_high", "cost", "C",
@@ -31,13 +30,7 @@ TRANSFER_COLUMNS = ("kind", "source", "target", "pooling", "layer", "in_domain_a
                     "difference_high", "n_train_source", "n_train_target", "n_test")
 
 
-class _Loose(BaseModel):
-    """Writers may add keys later; the ones read here are required and typed."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-
-class LayerPoint(_Loose):
+class LayerPoint(LooseModel):
     pooling: str
     layer: int
     auroc: float
@@ -49,7 +42,7 @@ class LayerPoint(_Loose):
     n_test: int
 
 
-class SweepSummary(_Loose):
+class SweepSummary(LooseModel):
     """`LayerSweep.to_dict()` of one run × grouping, as stored in report.json."""
 
     run_dir: str
@@ -63,7 +56,7 @@ class SweepSummary(_Loose):
     plateau_rule: str
 
 
-class Gain(_Loose):
+class Gain(LooseModel):
     comparison: str
     better: str
     baseline: str
@@ -76,7 +69,7 @@ class Gain(_Loose):
     verdict: str
 
 
-class Claim(_Loose):
+class Claim(LooseModel):
     run: str
     holds: bool
     sentence: str
@@ -84,7 +77,7 @@ class Claim(_Loose):
     gain_over_max_prob: Gain | None
 
 
-class RunSummary(_Loose):
+class RunSummary(LooseModel):
     name: str
     run_dir: str
     n: int
@@ -95,7 +88,7 @@ class RunSummary(_Loose):
     claim: Claim
 
 
-class ReportSummary(_Loose):
+class ReportSummary(LooseModel):
     """report.json: settings, one summary per run (sweep, claim), the headline rows and the notes."""
 
     settings: dict[str, Any]

@@ -10,30 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, RootModel
+from pydantic import RootModel
 
-from vlmrel_core.results.files import read_json_object, validate
+from vlmrel_core.results.files import LooseModel, read_json_object, validate
 
 SHIFT_REPORT_FILE = "shift_report.json"
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class RiskAtRule(_Loose):
+class RiskAtRule(LooseModel):
     coverage: float
     n_kept: int
     realised_risk: float | None
 
 
-class ShiftWindow(_Loose):
+class ShiftWindow(LooseModel):
     alarm_rate: float
     per_test: dict[str, float] = {}
     kl_ks_embedding_alarm_rate: float | None = None
 
 
-class ShiftRow(_Loose):
+class ShiftRow(LooseModel):
     n: int
     accuracy: float
     mean_confidence: float
@@ -42,12 +38,12 @@ class ShiftRow(_Loose):
     windows: dict[str, ShiftWindow]
 
 
-class ShiftGoals(_Loose):
+class ShiftGoals(LooseModel):
     in_domain_false_alarm_rate: float
     in_domain_false_reject_rate: float
 
 
-class ModelShiftReport(_Loose):
+class ModelShiftReport(LooseModel):
     target_risk: float
     delta: float
     novelty_method: str
