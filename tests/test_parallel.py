@@ -135,3 +135,65 @@ def test_single_process_resume_merges_leftover_rank_manifests(reference, tiny_lo
     assert not (out / "manifest.rank001.json").exists()
     _assert_same_run(single, out)
     assert merge_rank_manifests(out).shards == RunReader(out).manifest.shards  # idempotent
+
+
+def test_block_align_keeps_whole_units_in_one_rank():
+    blocks = [range(50)[DataParallel(rank=r, world_size=2).block(50, align=20)] for r in range(2)]
+    assert [(b.start, b.stop) for b in blocks] == [(0, 20), (20, 50)]  # 3 units of 20 (the last short): 1 + 2
+    assert sorted(i for b in blocks for i in b) == list(range(50))
+    short = [len(range(5)[DataParallel(rank=r, world_size=2).block(5, align=20)]) for r in range(2)]
+    assert sorted(short) == [0, 5]  # fewer rows than one window: one rank has them all
+
+
+def _gate_rows(path: Path) -> list[dict]:
+    """Decision rows without the per-process timings (the only fields a rank may legitimately change)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["evidence"].pop("timings")
+        row["evidence"].pop("time_multiplier")
+    return rows
+
+
+def test_gate_batch_mode_num_processes_equals_single_process_per_block(tiny_model_dirs, tiny_dataset, tmp_path, capsys):
+    """`vlmrel gate --data --num-processes 2`: two ranks, each a block of whole drift windows, merged in order; each
+    rank's block decides exactly as a single gate process started on that block (replicas: window state per rank)."""
+    import yaml
+
+    from gate_helpers import write_synthetic_run
+    from vlmrel_core.cli.main import main
+    from vlmrel_core.engine.loading import load_vlm
+
+    fingerprint = load_vlm(tiny_model_dirs["late_fusion"]).fingerprint
+    run = write_synthetic_run(tmp_path / "run", fingerprint, model_source=tiny_model_dirs["late_fusion"])
+    bundle = tmp_path / "bundle"
+    assert main(["build-gate", str(run), "--out", str(bundle), "--layer", "3", "--threshold", "0.6",
+                 "--gray-zone", "none"]) == 0
+    config_path = bundle / "gate.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["reliability_monitor"]["monitoring"]["window"] = 10  # windows of 10 and 20: blocks of whole 20s
+    if config["reliability_monitor"].get("novelty"):
+        config["reliability_monitor"]["novelty"]["window"] = 20
+    config_path.write_text(yaml.safe_dump(config))
+    lines = tiny_dataset.read_text().splitlines()
+    assert len(lines) == 24  # rank 0: rows 0-19, rank 1: rows 20-23
+    blocks = {"all": lines, "first": lines[:20], "second": lines[20:]}
+    for name, block in blocks.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(block) + "\n")
+    capsys.readouterr()
+
+    def args(name: str) -> list[str]:
+        return ["gate", "--config", str(config_path), "--data", str(tmp_path / f"{name}.jsonl"), "--image-root",
+                str(tiny_dataset.parent), "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / f"{name}.out")]
+
+    for name in ("first", "second"):
+        assert main(args(name)) == 0
+    capsys.readouterr()
+    done = subprocess.run([sys.executable, "-m", "vlmrel_core.cli.main", *args("all"), "--num-processes", "2"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # rank 0 alone prints, once
+    assert summary["num_processes"] == 2 and summary["n"] == 24
+    merged = _gate_rows(tmp_path / "all.out")
+    assert merged == _gate_rows(tmp_path / "first.out") + _gate_rows(tmp_path / "second.out")
+    assert summary["accuracy_all"] == sum(row["correct"] for row in merged) / 24
+    assert not list(tmp_path.glob("all.out.rank*"))  # the per-rank parts are merged and removed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     else:
         requests = load_vqa_jsonl(args.data, args.image_root, require_label=False,
                                   allow_external_paths=args.allow_external_paths)
+    if not single and args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from vlmrel_core.engine.parallel import argv_without_num_processes, launch_ranks
+
+        return launch_ranks(argv_without_num_processes(args.argv), args.num_processes)
     if args.device and config.monitor.model is not None:
         config.monitor.model.device = args.device
     gate = load_gate(config)
@@ -68,6 +73,18 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         return 0
     if args.limit is not None:
         requests = requests[: args.limit]
+    from vlmrel_core.engine.parallel import from_environment
+
+    parallel = from_environment()  # set by `accelerate launch`, torchrun or --num-processes
+    if parallel is not None:
+        from vlmrel_core.gate.batch import gate_dataset_parallel
+
+        with tqdm_progress(f"gate rank {parallel.rank}/{parallel.world_size}", unit="q") as progress:
+            merged = gate_dataset_parallel(gate, requests, args.out, parallel, batch_size=args.batch_size,
+                                           progress=progress)
+        if merged is not None:  # rank 0 merged the ranks' decisions and reports them
+            print(_json({"out": str(args.out), "num_processes": parallel.world_size, **merged.summary()}))
+        return 0
     with tqdm_progress("gate", unit="q") as progress:
         result = gate_dataset(gate, requests, batch_size=args.batch_size, progress=progress)
     out = write_decisions_jsonl(result, args.out)
@@ -188,6 +205,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="decisions JSONL (batch mode)")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=8)
     p.add_argument("--limit", type=bounded_int(1), default=None, help="only the first N rows (batch mode)")
+    p.add_argument("--num-processes", type=bounded_int(1, 256), default=1, metavar="N",
+                   help="batch mode, data-parallel: N processes on this machine each route a block of whole drift "
+                        "windows and rank 0 merges the decisions in order (as `accelerate launch`)")
     p.add_argument("--allow-external-paths", action="store_true",
                    help="let the JSONL's image paths leave the image root (absolute paths, ../)")
     p.add_argument("--device", default=None, help="override the config's model device (cpu, cuda, ...)")

@@ -40,9 +40,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     ensure_run_dir_free(args.out)
     resolve_model_source(args.model)
     if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        from vlmrel_core.engine.parallel import launch_ranks
+        from vlmrel_core.engine.parallel import argv_without_num_processes, launch_ranks
 
-        return launch_ranks(_without_num_processes(args.argv), args.num_processes)
+        return launch_ranks(argv_without_num_processes(args.argv), args.num_processes)
 
     import torch
 
@@ -78,19 +78,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     rows = RunReader(run_dir).rows
     print(json.dumps({"run_dir": str(run_dir), "n": len(rows), "accuracy": round(float(rows["correct"].mean()), 4)}))
     return 0
-
-
-def _without_num_processes(argv: Sequence[str]) -> list[str]:
-    """The command line each rank runs: the same, minus --num-processes (the environment says the rank)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            out.append(arg)
-    return out
 
 
 def _cmd_generate_data(args: argparse.Namespace) -> int:

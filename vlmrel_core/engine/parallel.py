@@ -52,9 +52,15 @@ class DataParallel:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
-    def block(self, n: int) -> slice:
-        """This rank's contiguous share of n items (sizes differ by at most one)."""
-        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+    def block(self, n: int, align: int = 1) -> slice:
+        """This rank's contiguous share of n items: whole units of ``align`` items (the last may be short), the
+        numbers of units differing by at most one. ``align`` keeps e.g. a gate's tumbling windows inside one rank."""
+        if align < 1:
+            raise ValueError(f"align must be >= 1, got {align}")
+        units = -(-n // align)
+        start = units * self.rank // self.world_size * align
+        stop = units * (self.rank + 1) // self.world_size * align
+        return slice(min(start, n), min(stop, n))
 
 
 def from_environment() -> DataParallel | None:
@@ -117,6 +123,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def argv_without_num_processes(argv: Sequence[str]) -> list[str]:
+    """The command line each rank runs: the same, minus --num-processes (the environment says the rank)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
 
 
 def launch_ranks(argv: Sequence[str], num_processes: int, poll_seconds: float = 0.2) -> int:

@@ -7,9 +7,10 @@ counting them in one place keeps the two from disagreeing about what "accuracy o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vlmrel_core.data.loader import VQASample
 from vlmrel_core.engine.answers import is_correct
@@ -17,6 +18,9 @@ from vlmrel_core.gate.records import GateDecision
 from vlmrel_core.gate.runtime import ReliabilityGate
 from vlmrel_core.io import atomic_write_text, json_default
 from vlmrel_core.progress import Progress, report as report_progress
+
+if TYPE_CHECKING:
+    from vlmrel_core.engine.parallel import DataParallel
 
 ACTIONS = ("generate", "fallback", "self_consistency")
 COST_UNIT = "sequence-forward passes relative to the greedy answers alone"
@@ -124,4 +128,52 @@ def write_decisions_jsonl(result: BatchGateResult, path: str | Path) -> Path:
     return atomic_write_text(path, text)
 
 
-__all__ = ["BatchGateResult", "gate_dataset", "write_decisions_jsonl"]
+def window_alignment(gate: ReliabilityGate) -> int:
+    """The number of decisions that keeps every tumbling window (calibration drift, OOD window tests) whole."""
+    sizes = [gate.monitor.window if gate.monitor is not None else 1,
+             gate.ood.section.window if gate.ood is not None else 1]
+    return math.lcm(*sizes)
+
+
+def _rank_part(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank:03d}.part")
+
+
+def _decision_from_row(row: dict[str, Any]) -> GateDecision:
+    return GateDecision(**{f.name: row[f.name] for f in fields(GateDecision)})
+
+
+def gate_dataset_parallel(
+    gate: ReliabilityGate, samples: Sequence[VQASample], out: str | Path, parallel: "DataParallel", *,
+    batch_size: int = 8, progress: Progress | None = None,
+) -> BatchGateResult | None:
+    """Data-parallel batch mode (`vlmrel gate --data --num-processes N`, or under `accelerate launch`).
+
+    Each rank routes one contiguous block of whole windows (`window_alignment`), so every tumbling drift window
+    is the same questions as in a single process; each rank's gate is a replica with its own window state, as N
+    serving replicas would be (an alarm raised at the end of one rank's block is not carried into the next
+    rank's first window). Ranks write their rows beside ``out``; after a barrier rank 0 merges them in dataset
+    order into ``out`` and returns the whole result; the other ranks return None.
+    """
+    out = Path(out)
+    samples = list(samples)
+    block = parallel.block(len(samples), align=window_alignment(gate))
+    result = gate_dataset(gate, samples[block], batch_size=batch_size, progress=progress)
+    write_decisions_jsonl(result, _rank_part(out, parallel.rank))
+    parallel.barrier()
+    if parallel.rank != 0:
+        return None
+    parts = [_rank_part(out, r) for r in range(parallel.world_size)]
+    rows = [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines()]
+    if len(rows) != len(samples):
+        raise RuntimeError(f"the ranks wrote {len(rows)} decisions for {len(samples)} questions")
+    decisions = [_decision_from_row(row) for row in rows]
+    correct = [None if "correct" not in row else bool(row["correct"]) for row in rows]
+    merged = BatchGateResult(samples, decisions, correct, result.self_consistency_k)
+    write_decisions_jsonl(merged, out)
+    for part in parts:
+        part.unlink()
+    return merged
+
+
+__all__ = ["BatchGateResult", "gate_dataset", "gate_dataset_parallel", "window_alignment", "write_decisions_jsonl"]
