@@ -144,3 +144,49 @@ def test_shared_prefill_decodes_like_generate_for_dynamic_resolution_families(mo
     greedy = run_batch(loaded, [image], [QUESTION], layers=[0], poolings=["last_token"], logit_lens=False, max_new_tokens=4)
     result = sample_answers(loaded, image, QUESTION, SelfConsistencyConfig(k=3, temperature=1e-4, top_p=1.0), max_new_tokens=4)
     assert result.samples_text == [greedy.answer_text[0]] * 3
+
+
+@pytest.mark.parametrize("family", ["late_fusion", "early_fusion"])
+def test_gray_zone_samples_from_the_greedy_pass_prefill(tiny_loaded, family):
+    """`run_batch(keep_prefill=True)` keeps the prompt cache; sampling from one row of it makes no prompt pass
+    (every call carries K rows of one token), and at batch 1 draws exactly the samples of a prefill of its own."""
+    loaded = tiny_loaded[family]
+    images = [render_scene(make_scene(i)) for i in (5, 6, 7)]
+    questions = [QUESTION, "is there a blue square in the image?", "what color is the circle?"]
+    config = SelfConsistencyConfig(k=6, seed=2)
+    single = run_batch(loaded, images[:1], questions[:1], layers=[0], poolings=["last_token"], logit_lens=False,
+                       max_new_tokens=4, keep_prefill=True)
+    assert single.prefill is not None and single.prefill.cache.get_seq_length() == single.prefill.inputs["input_ids"].shape[1]
+    calls: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+
+    handle = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        reused = sample_answers(loaded, images[0], questions[0], config, max_new_tokens=4, prefill=single.prefill.row(0))
+    finally:
+        handle.remove()
+    assert calls and all(shape == (6, 1) for shape in calls)  # decode steps only: no pass over the prompt
+    own = sample_answers(loaded, images[0], questions[0], config, max_new_tokens=4)
+    assert reused.samples_text == own.samples_text and reused.n_forward_calls == own.n_forward_calls - 1
+
+    # a left-padded batch: each row's cache (a copy; the batch's stays whole) decodes that row's own answer at T -> 0
+    batch = run_batch(loaded, images, questions, layers=[0], poolings=["last_token"], logit_lens=False,
+                      max_new_tokens=4, keep_prefill=True)
+    cold = SelfConsistencyConfig(k=2, temperature=1e-4, top_p=1.0)
+    for i in (2, 0, 1):
+        result = sample_answers(loaded, images[i], questions[i], cold, max_new_tokens=4, prefill=batch.prefill.row(i))
+        assert result.samples_text == [batch.answer_text[i]] * 2
+    assert batch.prefill.first_logits.shape[0] == 3
+
+
+def test_no_prefill_kept_unless_asked_or_where_the_adapter_keeps_batch_state(tiny_loaded):
+    from vlmrel_core.engine.adapters.idefics3 import Idefics3Adapter
+    from vlmrel_core.engine.adapters.qwen2_vl import Qwen2VLAdapter
+
+    loaded = tiny_loaded["late_fusion"]
+    record = run_batch(loaded, [render_scene(make_scene(1))], [QUESTION], layers=[0], poolings=["last_token"],
+                       logit_lens=False, max_new_tokens=2)
+    assert record.prefill is None  # only when asked
+    assert not Qwen2VLAdapter.reusable_prefill and not Idefics3Adapter.reusable_prefill  # M-RoPE deltas, tiles

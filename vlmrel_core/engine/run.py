@@ -42,6 +42,30 @@ class BatchRecord:
     image_grids: list[tuple[int, int] | None]  # None: the adapter cannot lay the image tokens on one grid (tiles)
     timings: dict[str, float] = field(default_factory=dict)
     n_forward_calls: int = 0
+    prefill: "Prefill | None" = None  # with keep_prefill: the prompt's KV cache, for gray-zone sampling
+
+
+@dataclass
+class Prefill:
+    """A batch's prompt KV cache (cropped to the prompt), its model inputs and first-answer-token logits.
+
+    Why kept: the gate's gray zone samples K answers to the same prompt; starting them from the greedy pass's own
+    prefill (`self_consistency.sample_answers(prefill=...)`) saves a second pass over the prompt and image.
+    """
+
+    cache: Any
+    inputs: dict[str, torch.Tensor]
+    first_logits: torch.Tensor  # (b, V) the generate call's raw logits of the first answer token
+
+    def row(self, index: int) -> "Prefill":
+        """One row's own copy (the sampler extends the cache in place); the batch's cache is left as it was."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        if self.first_logits.shape[0] > 1:
+            cache.batch_select_indices(torch.tensor([index], device=self.first_logits.device))
+        return Prefill(cache, {k: v[index : index + 1] for k, v in self.inputs.items() if k != "pixel_values"},
+                       self.first_logits[index : index + 1])
 
 
 def _as_rgb(image: Any) -> Image.Image:
@@ -82,8 +106,12 @@ def run_batch(
     logit_lens: bool = True,
     max_new_tokens: int = 8,
     normalization: NormalizationMode = "lenient",
+    keep_prefill: bool = False,
 ) -> BatchRecord:
-    """Greedy answers for a batch plus everything the probes, signals and gate need, from one generate call."""
+    """Greedy answers for a batch plus everything the probes, signals and gate need, from one generate call.
+
+    ``keep_prefill`` keeps the prompt's KV cache in ``record.prefill`` where the adapter allows reusing it
+    (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     if not questions:
@@ -114,6 +142,13 @@ def run_batch(
         )
     t2 = time.perf_counter()
     prompt_length = inputs["input_ids"].shape[1]
+    prefill = None
+    cache = _generated_cache(generated) if keep_prefill and adapter.reusable_prefill else None
+    if cache is not None and getattr(cache, "is_croppable", True):  # sliding-window caches cannot be cut back
+        excess = int(cache.get_seq_length()) - prompt_length
+        if excess > 0:
+            cache.crop(-excess)  # a negative count removes the answer's tokens (old and new transformers alike)
+        prefill = Prefill(cache, inputs, generated.logits[0])
     new_tokens = generated.sequences[:, prompt_length:]
     with loaded.processor_lock:
         answer_text = [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -137,7 +172,14 @@ def run_batch(
         image_grids=grids,
         timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "postprocess_s": t3 - t2},
         n_forward_calls=captured.n_forward_calls,
+        prefill=prefill,
     )
+
+
+def _generated_cache(generated: Any) -> Any:
+    """The generate output's KV cache (`cache` in newer transformers, `past_key_values` before)."""
+    cache = getattr(generated, "cache", None)
+    return cache if cache is not None else getattr(generated, "past_key_values", None)
 
 
 def _image_grid_or_none(

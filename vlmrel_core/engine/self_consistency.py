@@ -28,7 +28,7 @@ from torch import nn
 
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.loading import LoadedVLM
-from vlmrel_core.engine.run import _as_rgb
+from vlmrel_core.engine.run import Prefill, _as_rgb
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer
 
 __all__ = ["SelfConsistencyResult", "ForwardCounter", "count_forward_calls", "item_seed", "sample_answers"]
@@ -119,22 +119,27 @@ def _first_token_probs(logits: torch.Tensor, config: SelfConsistencyConfig) -> t
 
 
 def _sample_with_shared_prefill(
-    loaded: LoadedVLM, inputs: dict[str, torch.Tensor], config: SelfConsistencyConfig, max_new_tokens: int
+    loaded: LoadedVLM, inputs: dict[str, torch.Tensor], config: SelfConsistencyConfig, max_new_tokens: int,
+    prefill: Prefill | None = None,
 ) -> torch.Tensor:
     """(K, <= max_new_tokens) sampled tokens; the prompt (image included) is prefilled ONCE, not K times.
 
     Why: `num_return_sequences=K` copies the prompt K times before the prefill, so the vision tower and the whole
     prefill ran K times. Here one greedy-free prefill gives the first-token logits and the KV cache; K first tokens
     are drawn from transformers' own warped distribution, the cache is repeated K times, and the K continuations
-    are sampled in one decode loop. Each sample has the same distribution as before (independent draws)."""
+    are sampled in one decode loop. Each sample has the same distribution as before (independent draws).
+    With ``prefill`` (the gate's greedy pass kept its prompt cache) there is no prefill here at all."""
     model, tokenizer, k = loaded.model, loaded.tokenizer, int(config.k)
-    first = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-    probs = _first_token_probs(first.logits[0], config)[0]  # (V,): the one prompt's first-token distribution
+    if prefill is None:
+        first = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        first_logits, cache = first.logits[0], first.past_key_values
+    else:
+        first_logits, cache = prefill.first_logits, prefill.cache
+    probs = _first_token_probs(first_logits, config)[0]  # (V,): the one prompt's first-token distribution
     first_tokens = torch.multinomial(probs, k, replacement=True).to(inputs["input_ids"].device)
     if max_new_tokens == 1:
         return first_tokens[:, None]
-    cache = first.past_key_values
     cache.batch_repeat_interleave(k)
     ones = torch.ones(k, 1, dtype=inputs["attention_mask"].dtype, device=first_tokens.device)
     step_inputs = {
@@ -162,19 +167,23 @@ def sample_answers(
     config: SelfConsistencyConfig = SelfConsistencyConfig(),
     max_new_tokens: int = 8,
     normalization: NormalizationMode = "lenient",
+    prefill: Prefill | None = None,
 ) -> SelfConsistencyResult:
-    """Draw K answers with temperature / nucleus sampling from one shared prefill and measure their agreement."""
+    """Draw K answers with temperature / nucleus sampling from one shared prefill and measure their agreement.
+
+    ``prefill``: this (image, question)'s prompt cache from the greedy pass (`Prefill.row`), used instead of a
+    prefill of its own; it must come from the same image and question (the caller's contract)."""
     if not question or not question.strip():
         raise ValueError("question is empty")
     seed = item_seed(config.seed, _as_rgb(image), question)
     t0 = time.perf_counter()
-    inputs = _prepare(loaded, image, question)
+    inputs = _prepare(loaded, image, question) if prefill is None else prefill.inputs
     model = loaded.model
     devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
     with _SAMPLING_LOCK, torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         with count_forward_calls(model) as counter:
-            new_tokens = _sample_with_shared_prefill(loaded, inputs, config, max_new_tokens)
+            new_tokens = _sample_with_shared_prefill(loaded, inputs, config, max_new_tokens, prefill)
     with loaded.processor_lock:
         texts = [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     samples = [loaded.adapter.normalize(t, normalization) for t in texts]

@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections import Counter
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,9 @@ from vlmrel_core.gate.ood_guard import OODGuard
 from vlmrel_core.gate.records import Action, DriftReference, GateDecision, GateError
 from vlmrel_core.gate.signal_calibration import signal_scores
 from vlmrel_core.signals.consistency import SelfConsistencyConfig
+
+if TYPE_CHECKING:
+    from vlmrel_core.engine.run import Prefill
 
 logger = logging.getLogger("vlmrel.gate")
 
@@ -215,6 +218,7 @@ class ReliabilityGate:
             record = run_batch(
                 self.loaded, batch_images, batch_questions, layers=[self.layer], poolings=[self.pooling],
                 attentions=False, logit_lens=False, max_new_tokens=m.max_new_tokens, normalization=m.normalization,
+                keep_prefill=self.self_consistency is not None,  # gray-zone sampling starts from this prefill
             )
             t1 = time.perf_counter()
             states = record.states[self.pooling][:, 0, :]
@@ -234,7 +238,7 @@ class ReliabilityGate:
                 decisions.append(self._decide(
                     batch_images[i], batch_questions[i], record.answer[i], record.answer_text[i],
                     float(raw[i]), float(confidence[i]), states[i], {n: {k: v[i] for k, v in e.items()} for n, e in signals.items()},
-                    record.n_forward_calls, shared,
+                    record.n_forward_calls, shared, record.prefill, i,
                 ))
         return decisions
 
@@ -256,6 +260,7 @@ class ReliabilityGate:
     def _decide(
         self, image: Image.Image, question: str, answer: str, answer_text: str, raw: float, confidence: float,
         state: np.ndarray, signals: Mapping[str, Mapping[str, Any]], pass_calls: int, shared: Mapping[str, float],
+        prefill: Prefill | None = None, row: int = 0,
     ) -> GateDecision:
         m = self.config.monitor
         routing = m.routing
@@ -266,7 +271,8 @@ class ReliabilityGate:
             from vlmrel_core.engine.self_consistency import sample_answers
 
             sc_result = sample_answers(self.loaded, image, question, self.self_consistency,
-                                       max_new_tokens=m.max_new_tokens, normalization=m.normalization)
+                                       max_new_tokens=m.max_new_tokens, normalization=m.normalization,
+                                       prefill=None if prefill is None else prefill.row(row))
             action: Action = "self_consistency"
             accepted = (sc_result.majority_answer == answer and sc_result.agreement >= routing.self_consistency.min_agreement)
             certified = False

@@ -73,6 +73,9 @@ class VLMAdapter:
     final_norm_paths: ClassVar[tuple[str, ...]]
     yes_variants: ClassVar[tuple[str, ...]] = ("yes", "Yes", " yes", " Yes", "YES")
     no_variants: ClassVar[tuple[str, ...]] = ("no", "No", " no", " No", "NO")
+    # the greedy pass's prompt KV cache can seed gray-zone sampling (no per-batch state outside the cache,
+    # unlike Qwen2-VL's M-RoPE deltas, which the model keeps for the whole batch)
+    reusable_prefill: ClassVar[bool] = False
 
     # --- model structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

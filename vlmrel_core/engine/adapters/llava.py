@@ -19,6 +19,7 @@ class LlavaAdapter(VLMAdapter):
     # transformers >= 4.52 nests the LM under model.model.language_model; older releases under language_model.model.
     layer_paths = ("model.language_model.layers", "language_model.model.layers", "model.language_model.model.layers")
     final_norm_paths = ("model.language_model.norm", "language_model.model.norm", "model.language_model.model.norm")
+    reusable_prefill = True
 
     def format_prompt(self, processor: Any, question: str) -> str:
         if getattr(processor, "chat_template", None):

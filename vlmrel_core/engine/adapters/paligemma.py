@@ -17,6 +17,7 @@ class PaliGemmaAdapter(VLMAdapter):
     fusion = "early"
     layer_paths = ("model.language_model.layers", "language_model.model.layers", "model.language_model.model.layers")
     final_norm_paths = ("model.language_model.norm", "language_model.model.norm", "model.language_model.model.norm")
+    reusable_prefill = True
 
     def format_prompt(self, processor: Any, question: str) -> str:
         # The mix checkpoints were trained on "answer en <question>"; the processor prepends the image tokens
