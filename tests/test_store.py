@@ -47,6 +47,51 @@ def test_write_read_roundtrip_and_resume(tmp_path):
         reader.states("last_token", layers=[5])
 
 
+def test_states_read_one_pooling_and_the_chosen_layers_only(tmp_path, monkeypatch):
+    """Layers come out in the order asked (non-contiguous too) equal to a full read; the other tensors of a shard
+    (another pooling, attention maps) are never read, so a probe on one layer never loads the whole cache."""
+    import safetensors
+
+    manifest = _manifest(layers=[0, 1, 2, 3], poolings=["last_token", "mean_all"], n_layers=4)
+    writer = RunWriter(tmp_path, manifest)
+    rng = np.random.default_rng(1)
+    for ids in (["a", "b"], ["c"]):
+        rows = pd.DataFrame({"sample_id": ids, "correct": [1] * len(ids)})
+        writer.write_shard(rows, {f"states.{p}": rng.normal(size=(len(ids), 4, 3)).astype(np.float16)
+                                  for p in ("last_token", "mean_all")})
+    reader = RunReader(tmp_path)
+    full = reader.states("last_token")
+    np.testing.assert_array_equal(reader.states("last_token", layers=[3, 0]), full[:, [3, 0]])
+    requested: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, name):
+            requested.append(name)
+            return self.file.get_tensor(name)
+
+        def get_slice(self, name):
+            requested.append(name)
+            return self.file.get_slice(name)
+
+    monkeypatch.setattr("vlmrel_core.engine.store.safe_open", Recording)
+    reader.states("mean_all", layers=[2])
+    assert requested == ["states.mean_all", "states.mean_all"]  # one tensor per shard, nothing else
+
+
 def test_a_different_extraction_is_refused(tmp_path):
     RunWriter(tmp_path, _manifest())
     with pytest.raises(CacheError, match="model_fingerprint"):

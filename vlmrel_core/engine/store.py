@@ -18,7 +18,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from vlmrel_core.io import atomic_write_text
 
@@ -303,16 +304,25 @@ class RunReader:
             self._rows = pd.concat(frames, ignore_index=True)
         return self._rows
 
-    def iter_tensor(self, name: str) -> Iterator[np.ndarray]:
+    def iter_tensor(self, name: str, columns: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Each shard's ``name`` tensor (only ``columns`` of its second axis, if given), read alone from the
+        memory-mapped file: the shard's other tensors (other poolings, attention maps) and other layers are
+        never loaded, so a probe on one layer and pooling reads one layer's bytes."""
         for shard in self.manifest.shards:
             path = self.run_dir / f"{shard.name}.safetensors"
             try:
-                tensors = load_file(str(path))
+                with safe_open(str(path), framework="numpy") as tensors:
+                    if name not in tensors.keys():
+                        raise CacheError(f"{path} has no tensor {name!r}; it has {sorted(tensors.keys())}")
+                    if columns is None:
+                        yield tensors.get_tensor(name)
+                        continue
+                    sliced = tensors.get_slice(name)
+                    yield np.concatenate([sliced[:, c : c + 1] for c in columns], axis=1)
+            except CacheError:
+                raise
             except Exception as err:
                 raise CacheError(f"cannot read {path}: {err}") from err
-            if name not in tensors:
-                raise CacheError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
-            yield tensors[name]
 
     def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
         return np.concatenate([t.astype(dtype, copy=False) for t in self.iter_tensor(name)])
@@ -327,7 +337,4 @@ class RunReader:
             if missing:
                 raise CacheError(f"layers {missing} were not extracted; this run has {self.manifest.layers}")
             columns = [self.manifest.layers.index(l) for l in layers]
-        parts = []
-        for array in self.iter_tensor(f"states.{pooling}"):
-            parts.append((array if columns is None else array[:, columns]).astype(np.float32))
-        return np.concatenate(parts)
+        return np.concatenate([a.astype(np.float32, copy=False) for a in self.iter_tensor(f"states.{pooling}", columns)])
