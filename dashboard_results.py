@@ -96,6 +96,7 @@ class _MaskingSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     baseline: object | None = None
     masked: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # (settings, question index) -> full masked answer, confidence
 
 
 @st.cache_resource(show_spinner=False)
@@ -136,3 +137,18 @@ def masking_result(gate_yaml: str, family: str | None, n_questions: int, setting
             slot.masked[settings] = run_masked(load_gate_cached(gate_yaml).loaded, baseline, settings, probe_weights,
                                                progress=progress)
         return baseline, slot.masked[settings]
+
+
+def masking_example(gate_yaml: str, family: str | None, n_questions: int, settings, probe_weights, index: int):
+    """One question's full masked answer text and confidence (the fast pass keeps only the deciding first word)."""
+    from dashboard_common import load_gate_cached
+    from vlmrel_core.interventions.live import masked_answer
+
+    baseline = masking_baseline(gate_yaml, family, n_questions)
+    slot = _masking_slot(gate_yaml, n_questions)
+    with slot.lock:
+        key = (settings, int(index))
+        if key not in slot.examples:
+            slot.examples[key] = masked_answer(load_gate_cached(gate_yaml).loaded, baseline, settings, probe_weights,
+                                               int(index))
+        return slot.examples[key]

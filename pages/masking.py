@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard_common import attempt, load_layer_probes_cached, sidebar_model_choice, streamlit_progress
-from dashboard_results import family_label, masking_question_count, masking_result
+from dashboard_results import family_label, masking_example, masking_question_count, masking_result
 from vlmrel_core.figures.interventions import live_masking_figure
 from vlmrel_core.samples.catalog import FAMILIES, sample_catalog
 
@@ -60,12 +60,12 @@ from vlmrel_core.interventions.live import MaskSettings, paired_effect  # noqa: 
 
 settings = MaskSettings(layer=int(layer), top_k=int(top_k), random_fraction=float(random_fraction),
                         patch_fraction=float(patch_fraction), patch_which=which)
-effects, runs, seconds = {}, {}, {}
+effects, runs, seconds, weights_of = {}, {}, {}, {}
 for label, (gate_yaml, family) in models.items():
     if layer not in probes[label].probes:
         st.error(f"{label} has no probe at layer {layer}; its layers are {probes[label].layers}.")
         st.stop()
-    weights = probes[label].probes[layer].coef.reshape(-1)
+    weights = weights_of[label] = probes[label].probes[layer].coef.reshape(-1)
     start = time.perf_counter()
     with streamlit_progress(f"Re-running {n_questions} held-out questions on {label}") as progress:
         pair = attempt(f"Re-running the questions on {label}", lambda g=gate_yaml, f=family, w=weights: masking_result(
@@ -94,11 +94,15 @@ sample = baseline.samples[index]
 for label, (base, masked) in runs.items():
     if index >= len(base.samples):
         continue
+    gate_yaml, family = models[label]
+    example = attempt(f"Answering the question with the mask on {label}", lambda g=gate_yaml, f=family, l=label: masking_example(
+        g, f, n_questions, settings, weights_of[l], index))
+    if example is None:
+        continue
     left, right = st.columns(2)
     left.metric(f"{label} — unmasked", base.result.answers[index] or "(empty)",
                 delta=f"confidence {base.result.confidence[index]:.3f}", delta_color="off")
-    right.metric(f"{label} — masked", masked.answers[index] or "(empty)",
-                 delta=f"confidence {masked.confidence[index]:.3f}", delta_color="off")
+    right.metric(f"{label} — masked", example[0] or "(empty)", delta=f"confidence {example[1]:.3f}", delta_color="off")
 st.caption(f"Question: {sample.question} · truth: {sample.label}")
 if settings.patch_fraction > 0:
     from vlmrel_core.interventions.masking import mask_image_patches  # noqa: E402
