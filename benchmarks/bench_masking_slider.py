@@ -4,8 +4,8 @@ compute the paired accuracy/confidence effect (`paired_effect`) against their ca
 (`live_baseline`), exactly as pages/masking.py calls them. The target is ≤ 2 s per change for 300 questions.
 
 Prints each model's unmasked pass (paid once) and, per slider position, seconds per change for both models
-together (median of --repeats; each position re-computed), its ratio to the 2 s target, and the same for the full
-masked generate (--full, the path before the fast one) side by side, interleaved.
+together (median of --repeats; each position re-computed; the models in parallel threads as the page runs them),
+its ratio to the 2 s target, and with --full the full masked generate (the path before the fast one), interleaved.
 
     python benchmarks/bench_masking_slider.py                 # both models, 300 questions, ~1 min
     python benchmarks/bench_masking_slider.py --repeats 3 --full --threads 16
@@ -50,12 +50,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--full", action="store_true", help="also time the full masked generate, interleaved")
+    parser.add_argument("--full", action="store_true", help="also time the full masked generate, interleaved "
+                        "(the models one after the other, as the page ran them before)")
+    parser.add_argument("--sequential", action="store_true", help="the fast pass one model after the other")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from vlmrel_core.interventions.live import MaskSettings, paired_effect, run_masked
+    from vlmrel_core.interventions.live import MaskSettings, paired_effect, run_masked, run_masked_in_parallel
 
     models = {family: _setup(family, args.n, args.batch_size) for family in ("late_fusion", "early_fusion")}
 
@@ -70,12 +72,16 @@ def main() -> None:
         }
 
     def change(settings_of, fast: bool) -> float:
+        """One slider change as the page pays it: both models (in parallel threads unless --sequential)."""
+        jobs = {family: (loaded, baseline, settings_of[family], probes.probes[settings_of[family].layer].coef.reshape(-1))
+                for family, (loaded, baseline, probes, _) in models.items()}
         start = time.perf_counter()
-        for family, (loaded, baseline, probes, _) in models.items():
-            settings = settings_of[family]
-            weights = probes.probes[probes.layers[0] if settings.layer not in probes.probes else settings.layer].coef
-            paired_effect(baseline.result, run_masked(loaded, baseline, settings, weights.reshape(-1),
-                                                      batch_size=args.batch_size, fast=fast))
+        if fast and not args.sequential:
+            results = run_masked_in_parallel(jobs)
+        else:
+            results = {family: run_masked(*job, batch_size=args.batch_size, fast=fast) for family, job in jobs.items()}
+        for family, result in results.items():
+            paired_effect(jobs[family][1].result, result)
         return time.perf_counter() - start
 
     names = list(positions(next(iter(models.values()))[2]))
