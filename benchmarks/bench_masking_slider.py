@@ -26,7 +26,7 @@ TARGET_S = 2.0
 def _setup(family: str, n: int, batch_size: int):
     from vlmrel_core.data.loader import load_vqa_jsonl
     from vlmrel_core.gate.bundle import load_gate, load_gate_components
-    from vlmrel_core.inspection.layer_probes import fit_layer_probes
+    from vlmrel_core.inspection.layer_probe_file import load_bundle_layer_probes
     from vlmrel_core.interventions.live import live_baseline
     from vlmrel_core.results.gate import load_gate_bundle
     from vlmrel_core.results.gate_splits import gate_split_scores, held_out_samples
@@ -38,7 +38,7 @@ def _setup(family: str, n: int, batch_size: int):
     scores = gate_split_scores(load_gate_bundle(gate_yaml))
     samples = held_out_samples(scores, load_run(scores.run_dir), load_vqa_jsonl(catalog.dataset("adversarial")), n)
     loaded = load_gate(gate_yaml).loaded
-    probes = fit_layer_probes(load_gate_components(gate_yaml).probe, scores.run_dir)
+    probes = load_bundle_layer_probes(gate_yaml.parent, load_gate_components(gate_yaml).probe)
     start = time.perf_counter()
     baseline = live_baseline(loaded, samples, batch_size=batch_size)
     return loaded, baseline, probes, time.perf_counter() - start

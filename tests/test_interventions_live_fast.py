@@ -10,7 +10,7 @@ import torch
 
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS, normalize_answer
-from vlmrel_core.interventions.live import MaskSettings, live_baseline, masked_answer, run_masked
+from vlmrel_core.interventions.live import MaskSettings, live_baseline, masked_answer, run_masked, run_masked_in_parallel
 from vlmrel_core.interventions.live_fast import decided_answers, grey_pixel_values, prepare_batch, word_level_tokenizer
 from vlmrel_core.interventions.masking import grey_cells, patch_masks
 from vlmrel_core.samples.catalog import sample_catalog
@@ -89,3 +89,17 @@ def test_a_budget_of_zero_keeps_no_residuals_and_stays_exact(model_and_baseline)
     fast, full = run_masked(loaded, small, settings, weights), run_masked(loaded, small, settings, weights, fast=False)
     assert fast.answers == full.answers
     np.testing.assert_allclose(fast.confidence, full.confidence, atol=1e-5)
+
+
+def test_models_in_parallel_threads_equal_one_after_the_other(model_and_baseline):
+    """Two passes on one shared model at once: the ablation hook of one thread never reaches the other."""
+    loaded, baseline = model_and_baseline
+    weights = np.random.default_rng(2).normal(size=baseline.hidden_size)
+    jobs = {"ablated": (loaded, baseline, MaskSettings(0, random_fraction=0.8, patch_fraction=0.2), weights),
+            "greyed only": (loaded, baseline, MaskSettings(0, patch_fraction=0.2), weights)}
+    parallel = run_masked_in_parallel(jobs)
+    for label, job in jobs.items():
+        alone = run_masked(*job)
+        assert parallel[label].answers == alone.answers
+        np.testing.assert_allclose(parallel[label].confidence, alone.confidence, atol=1e-6)
+    assert not np.allclose(parallel["ablated"].confidence, parallel["greyed only"].confidence)
