@@ -118,17 +118,21 @@ def _layer_probe_slot(gate_yaml: str) -> _LayerProbeSlot:
 
 
 def load_layer_probes_cached(gate_yaml: str, progress: Progress | None = None):
-    """Per-layer probes for the Inspect strip: fitted once per bundle (then read from the on-disk cache)."""
+    """Per-layer probes for the Inspect strip: the ones the bundle ships, else fitted once per bundle (then read
+    from the on-disk cache)."""
     from vlmrel_core.gate.bundle import load_gate_components
-    from vlmrel_core.inspection.layer_probes import load_or_fit_layer_probes, training_run_dir
+    from vlmrel_core.inspection.layer_probe_file import layer_probes_for_bundle
+    from vlmrel_core.inspection.layer_probes import training_run_dir
 
     slot = _layer_probe_slot(gate_yaml)
     with slot.lock:
         if slot.probes is None:
             components = load_gate_components(gate_yaml)
             provenance = components.calibration.provenance if components.calibration is not None else {}
-            run_dir = training_run_dir(provenance, [ROOT, Path(gate_yaml).resolve().parent])
-            slot.probes = load_or_fit_layer_probes(components.probe, run_dir, LAYER_PROBE_CACHE, progress=progress)
+            bundle_dir = Path(gate_yaml).resolve().parent
+            slot.probes = layer_probes_for_bundle(
+                bundle_dir, components.probe, lambda: training_run_dir(provenance, [ROOT, bundle_dir]),
+                LAYER_PROBE_CACHE, progress=progress)
         return slot.probes
 
 

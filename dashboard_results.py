@@ -96,6 +96,7 @@ class _MaskingSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     baseline: object | None = None
     masked: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # (settings, question index) -> full masked answer, confidence
 
 
 @st.cache_resource(show_spinner=False)
@@ -124,15 +125,40 @@ def masking_baseline(gate_yaml: str, family: str | None, n_questions: int, progr
         return slot.baseline
 
 
-def masking_result(gate_yaml: str, family: str | None, n_questions: int, settings, probe_weights, progress=None):
-    """The masked pass for one slider position (each position computed once per bundle, then kept)."""
+def masking_results(jobs: dict, n_questions: int, settings) -> dict:
+    """Every model's (baseline, masked pass) for one slider position: label -> (gate_yaml, family, probe weights).
+    Positions computed before are reused; the others run for all models at once (`run_masked_in_parallel`).
+    The baselines must exist (`masking_baseline`, with its progress bar)."""
     from dashboard_common import load_gate_cached
-    from vlmrel_core.interventions.live import run_masked
+    from vlmrel_core.interventions.live import run_masked_in_parallel
 
-    baseline = masking_baseline(gate_yaml, family, n_questions, progress)
+    out, todo = {}, {}
+    for label, (gate_yaml, family, weights) in jobs.items():
+        baseline = masking_baseline(gate_yaml, family, n_questions)
+        slot = _masking_slot(gate_yaml, n_questions)
+        with slot.lock:
+            known = slot.masked.get(settings)
+        if known is not None:
+            out[label] = (baseline, known)
+        else:
+            todo[label] = (load_gate_cached(gate_yaml).loaded, baseline, settings, weights)
+    for label, result in run_masked_in_parallel(todo).items():
+        slot = _masking_slot(jobs[label][0], n_questions)
+        with slot.lock:
+            out[label] = (todo[label][1], slot.masked.setdefault(settings, result))
+    return {label: out[label] for label in jobs}
+
+
+def masking_example(gate_yaml: str, family: str | None, n_questions: int, settings, probe_weights, index: int):
+    """One question's full masked answer text and confidence (the fast pass keeps only the deciding first word)."""
+    from dashboard_common import load_gate_cached
+    from vlmrel_core.interventions.live import masked_answer
+
+    baseline = masking_baseline(gate_yaml, family, n_questions)
     slot = _masking_slot(gate_yaml, n_questions)
     with slot.lock:
-        if settings not in slot.masked:
-            slot.masked[settings] = run_masked(load_gate_cached(gate_yaml).loaded, baseline, settings, probe_weights,
-                                               progress=progress)
-        return baseline, slot.masked[settings]
+        key = (settings, int(index))
+        if key not in slot.examples:
+            slot.examples[key] = masked_answer(load_gate_cached(gate_yaml).loaded, baseline, settings, probe_weights,
+                                               int(index))
+        return slot.examples[key]

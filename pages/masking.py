@@ -11,7 +11,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard_common import attempt, load_layer_probes_cached, sidebar_model_choice, streamlit_progress
-from dashboard_results import family_label, masking_question_count, masking_result
+from dashboard_results import (
+    family_label, masking_baseline, masking_example, masking_question_count, masking_results,
+)
 from vlmrel_core.figures.interventions import live_masking_figure
 from vlmrel_core.samples.catalog import FAMILIES, sample_catalog
 
@@ -60,21 +62,24 @@ from vlmrel_core.interventions.live import MaskSettings, paired_effect  # noqa: 
 
 settings = MaskSettings(layer=int(layer), top_k=int(top_k), random_fraction=float(random_fraction),
                         patch_fraction=float(patch_fraction), patch_which=which)
-effects, runs, seconds = {}, {}, {}
+weights_of = {}
 for label, (gate_yaml, family) in models.items():
     if layer not in probes[label].probes:
         st.error(f"{label} has no probe at layer {layer}; its layers are {probes[label].layers}.")
         st.stop()
-    weights = probes[label].probes[layer].coef.reshape(-1)
-    start = time.perf_counter()
-    with streamlit_progress(f"Re-running {n_questions} held-out questions on {label}") as progress:
-        pair = attempt(f"Re-running the questions on {label}", lambda g=gate_yaml, f=family, w=weights: masking_result(
-            g, f, n_questions, settings, w, progress))
-    if pair is None:
-        st.stop()
-    seconds[label] = time.perf_counter() - start
-    runs[label] = pair
-    effects[label] = paired_effect(pair[0].result, pair[1])
+    weights_of[label] = probes[label].probes[layer].coef.reshape(-1)
+    with streamlit_progress(f"Unmasked pass over {n_questions} held-out questions on {label} (once)") as progress:
+        if attempt(f"Running the unmasked pass on {label}", lambda g=gate_yaml, f=family: masking_baseline(
+                g, f, n_questions, progress)) is None:
+            st.stop()
+start = time.perf_counter()
+with st.spinner(f"Re-running {n_questions} held-out questions with the mask on {' and '.join(models)}…"):
+    runs = attempt("Re-running the questions with the mask", lambda: masking_results(
+        {label: (g, f, weights_of[label]) for label, (g, f) in models.items()}, n_questions, settings))
+if runs is None:
+    st.stop()
+seconds = time.perf_counter() - start
+effects = {label: paired_effect(base.result, masked) for label, (base, masked) in runs.items()}
 
 st.plotly_chart(live_masking_figure(effects, f"{n_questions} held-out questions, masked vs unmasked"), width="stretch",
                 key="masking_effect")
@@ -83,8 +88,8 @@ st.dataframe(table[["model", "metric", "n", "unmasked", "masked", "delta", "ci_l
              hide_index=True, width="stretch", key="masking_table")
 st.caption("Δ = masked − unmasked on the same questions; 95% paired bootstrap CI (1,000 resamples). Confidence is "
            "the answer token's probability. "
-           + "; ".join(f"{label}: {s:.2f} s for this change" for label, s in seconds.items())
-           + " (a position already computed is reused).")
+           + f"This change: {seconds:.2f} s for {' and '.join(models)} together (a position already computed is "
+           "reused; only what the mask changes is re-run).")
 
 st.subheader("One question, before and after")
 baseline = runs[choice.label][0]
@@ -94,11 +99,15 @@ sample = baseline.samples[index]
 for label, (base, masked) in runs.items():
     if index >= len(base.samples):
         continue
+    gate_yaml, family = models[label]
+    example = attempt(f"Answering the question with the mask on {label}", lambda g=gate_yaml, f=family, l=label: masking_example(
+        g, f, n_questions, settings, weights_of[l], index))
+    if example is None:
+        continue
     left, right = st.columns(2)
     left.metric(f"{label} — unmasked", base.result.answers[index] or "(empty)",
                 delta=f"confidence {base.result.confidence[index]:.3f}", delta_color="off")
-    right.metric(f"{label} — masked", masked.answers[index] or "(empty)",
-                 delta=f"confidence {masked.confidence[index]:.3f}", delta_color="off")
+    right.metric(f"{label} — masked", example[0] or "(empty)", delta=f"confidence {example[1]:.3f}", delta_color="off")
 st.caption(f"Question: {sample.question} · truth: {sample.label}")
 if settings.patch_fraction > 0:
     from vlmrel_core.interventions.masking import mask_image_patches  # noqa: E402

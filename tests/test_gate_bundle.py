@@ -18,7 +18,8 @@ from vlmrel_core.gate.records import CalibrationBundle, GateError
 def test_bundle_round_trip_gives_identical_decisions(tiny_loaded, late_bundle):
     loaded = tiny_loaded["late_fusion"]
     bundle = late_bundle.out_dir
-    assert sorted(p.name for p in bundle.iterdir()) == ["calibration.json", "gate.yaml", "novelty", "probe", "report.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["calibration.json", "gate.yaml", "layer_probes.json",
+                                                        "layer_probes.safetensors", "novelty", "probe", "report.json"]
     assert not list(bundle.rglob("*.pkl")) and not list(bundle.rglob("*.pt"))
     in_memory = late_bundle.gate(loaded)
     from_disk = load_gate(bundle / "gate.yaml", loaded=loaded)

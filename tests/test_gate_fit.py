@@ -90,3 +90,15 @@ def test_novelty_auto_picks_the_candidate_with_the_best_held_out_auroc(tmp_path,
 def test_the_default_novelty_is_knn_and_says_so(late_bundle):
     assert late_bundle.novelty.method == "knn"
     assert late_bundle.report["novelty"]["selection"] == {"criterion": "given", "chosen": "knn"}
+
+
+def test_the_bundle_ships_a_probe_per_layer_tied_to_its_own_probe(late_bundle, late_run):
+    from vlmrel_core.inspection.layer_probe_file import LAYER_PROBES_META, LAYER_PROBES_TENSORS, load_bundle_layer_probes
+    from vlmrel_core.inspection.layer_probes import fit_layer_probes
+
+    assert (late_bundle.out_dir / LAYER_PROBES_TENSORS).is_file() and (late_bundle.out_dir / LAYER_PROBES_META).is_file()
+    shipped = load_bundle_layer_probes(late_bundle.out_dir, late_bundle.probe)
+    fitted = fit_layer_probes(late_bundle.probe, late_run)
+    assert shipped.layers == fitted.layers and shipped.probes[3] is late_bundle.probe
+    for layer in fitted.layers:
+        np.testing.assert_array_equal(shipped.probes[layer].coef, fitted.probes[layer].coef)

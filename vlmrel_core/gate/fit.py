@@ -163,6 +163,7 @@ def build_gate_from_run(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     novelty_method: NoveltyChoice = "knn",
     novelty_shifted_runs: Sequence[str | Path] = (),
+    layer_probes: bool = True,
     progress: Progress | None = None,
 ) -> GateBuild:
     """Fit a gate on a cached extraction run and (if ``out_dir``) write its bundle.
@@ -175,7 +176,8 @@ def build_gate_from_run(
     labels, so the Learn-then-Test guarantee holds as proved) and raises `UnreachableRiskTarget` when no
     threshold can be certified. ``gray_zone="auto"`` is the band threshold ± ``gray_zone_halfwidth``.
     ``novelty_method="auto"`` picks the novelty score by held-out AUROC against ``novelty_shifted_runs``
-    (`gate.novelty_choice`); the choice and the comparison go into the report.
+    (`gate.novelty_choice`); the choice and the comparison go into the report. With ``out_dir`` and
+    ``layer_probes`` the bundle also ships a probe per layer for the Inspect strip (`inspection.layer_probe_file`).
     """
     if (threshold is None) == (risk_target is None):
         raise ValueError("give exactly one of threshold (a calibrated confidence) or risk_target")
@@ -313,6 +315,11 @@ def build_gate_from_run(
     if out_path is not None:
         report_progress(progress, 4, total, "write bundle")
         build.write(out_path)
+        if layer_probes:  # the Inspect strip's probe per layer, so no first Ask has to fit them
+            from vlmrel_core.inspection.layer_probe_file import write_bundle_layer_probes
+
+            write_bundle_layer_probes(build.probe, run_dir, out_path, seed=seed,
+                                      progress=lambda d, t, stage="": report_progress(progress, 4, total, f"write bundle: {stage}"))
     report_progress(progress, total, total, "done")
     return build
 

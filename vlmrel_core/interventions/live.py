@@ -5,14 +5,17 @@ accuracy and confidence against the unmasked pass with paired bootstrap CIs.
 Why its own module: `study.run_ablation_study` runs a fixed grid of conditions for the shipped tables; a slider
 needs the pieces apart — a cached baseline, one combined condition (top-k probe dimensions + a random share of
 dimensions + greyed patches at once), the answer confidence beside correctness, and one example before/after.
-The masking itself is the library's (`ablation.DimensionAblation`, `masking.mask_image_patches`).
+The masking itself is the library's (`ablation.DimensionAblation`, `masking.mask_image_patches`); a change re-runs
+only what the mask alters (`live_fast`: kept processor outputs and residual stream, first answer token only), and
+`run_masked(..., fast=False)` is the full masked `generate` it equals.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +26,11 @@ from vlmrel_core.data.loader import VQASample
 from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.run import run_batch
 from vlmrel_core.interventions.ablation import DimensionAblation, random_dimensions, top_k_dimensions
-from vlmrel_core.interventions.masking import MASK_WHICH, attention_grids, mask_image_patches
+from vlmrel_core.interventions.live_fast import (
+    DEFAULT_RESIDUAL_BUDGET_BYTES, KeptBatch, answer_confidence, can_resume, decided_answers, first_token_logits,
+    first_tokens, grey_pixel_values, prepare_batch, record_prefill, residual_bytes, resumed_logits,
+)
+from vlmrel_core.interventions.masking import MASK_WHICH, attention_grids, grey_cells, mask_image_patches, patch_masks
 from vlmrel_core.progress import Progress, report
 
 EFFECT_COLUMNS = ("metric", "n", "unmasked", "masked", "delta", "ci_low", "ci_high")
@@ -58,7 +65,10 @@ class MaskSettings:
 
 @dataclass(frozen=True)
 class PassResult:
-    """Per question: the greedy answer, whether it is right, and its confidence (max answer-token probability)."""
+    """Per question: the greedy answer, whether it is right, and its confidence (max answer-token probability).
+
+    A fast masked pass (`run_masked`) keeps only the answer's first word where that word decides it ("no" for
+    "no no no"): correctness and confidence are those of the full answer; `masked_answer` gives one full text."""
 
     answers: list[str]
     correct: np.ndarray
@@ -75,20 +85,31 @@ class LiveBaseline:
     attention_maps: list[np.ndarray]
     grids: list[tuple[int, int]]
     hidden_size: int
+    batch_size: int = 64
+    kept: list[KeptBatch] | None = None  # per batch: inputs and prefill residual stream (`live_fast`); None: full passes
 
 
 def _pass(
     loaded: Any, samples: Sequence[VQASample], images: Sequence[Image.Image], context: ContextManager[None],
     batch_size: int, max_new_tokens: int, attentions: bool, progress: Progress | None, stage: str,
+    kept: list[KeptBatch] | None = None, residual_budget: int = 0,
 ) -> tuple[PassResult, list[np.ndarray], list[tuple[int, int]]]:
+    """Full passes (`run_batch`); with ``kept`` a list, each batch's inputs and prefill are kept there as well."""
     answers, correct, confidence, maps, grids = [], [], [], [], []
     total = len(samples)
     with context:
         for start in range(0, total, batch_size):
             batch = samples[start : start + batch_size]
-            record = run_batch(loaded, list(images[start : start + batch_size]), [s.question for s in batch],
-                               layers=None if attentions else [-1], poolings=("last_token",), attentions=attentions,
-                               logit_lens=False, max_new_tokens=max_new_tokens)
+            batch_images, questions = list(images[start : start + batch_size]), [s.question for s in batch]
+            recorder: ContextManager[None] = nullcontext()
+            if kept is not None:
+                kept.append(KeptBatch(prepare_batch(loaded, batch_images, questions)))
+                residual_budget -= residual_bytes(kept[-1].inputs, loaded)
+                recorder = record_prefill(loaded, kept[-1], keep_outputs=residual_budget >= 0)
+            with recorder:
+                record = run_batch(loaded, batch_images, questions, layers=None if attentions else [-1],
+                                   poolings=("last_token",), attentions=attentions, logit_lens=False,
+                                   max_new_tokens=max_new_tokens)
             answers += record.answer_text
             correct += [is_correct(a, s.label) for a, s in zip(record.answer, batch)]
             confidence += np.asarray(record.output["max_answer_prob"], dtype=np.float64).tolist()
@@ -101,16 +122,19 @@ def _pass(
 
 def live_baseline(
     loaded: Any, samples: Sequence[VQASample], batch_size: int = 64, max_new_tokens: int = 8,
-    progress: Progress | None = None,
+    progress: Progress | None = None, residual_budget: int = DEFAULT_RESIDUAL_BUDGET_BYTES,
 ) -> LiveBaseline:
-    """The unmasked pass (with attention, eager) that every slider position is compared with; cache it per model."""
+    """The unmasked pass (with attention, eager) that every slider position is compared with; cache it per model.
+    It also keeps each batch's model inputs and, while within ``residual_budget`` bytes, every decoder layer's
+    prefill output, which the fast masked passes start from."""
     samples = list(samples)
     if not samples:
         raise ValueError("no questions to run")
     images = [s.load_image() for s in samples]
+    kept: list[KeptBatch] = []
     result, maps, grids = _pass(loaded, samples, images, nullcontext(), batch_size, max_new_tokens, True, progress,
-                                "unmasked pass")
-    return LiveBaseline(samples, images, result, maps, grids, int(loaded.hidden_size))
+                                "unmasked pass", kept, residual_budget)
+    return LiveBaseline(samples, images, result, maps, grids, int(loaded.hidden_size), batch_size, kept)
 
 
 def masked_dimensions(settings: MaskSettings, probe_weights: np.ndarray, hidden_size: int) -> np.ndarray:
@@ -127,11 +151,17 @@ def masked_dimensions(settings: MaskSettings, probe_weights: np.ndarray, hidden_
 
 def run_masked(
     loaded: Any, baseline: LiveBaseline, settings: MaskSettings, probe_weights: np.ndarray, batch_size: int = 64,
-    max_new_tokens: int = 8, progress: Progress | None = None,
+    max_new_tokens: int = 8, progress: Progress | None = None, fast: bool = True,
 ) -> PassResult:
-    """The baseline's questions again with ``settings`` applied (the unmasked result itself when nothing is masked)."""
+    """The baseline's questions again with ``settings`` applied (the unmasked result itself when nothing is masked).
+
+    ``fast`` (when the baseline kept its inputs): only what the mask changes is re-run, for the first answer token
+    (`live_fast`); rows whose first token does not decide the answer get the full pass. ``fast=False``: the full
+    masked `generate` of every question (what the fast pass equals; ``batch_size`` applies to it only)."""
     if settings.is_identity:
         return baseline.result
+    if fast and baseline.kept:
+        return _fast_masked(loaded, baseline, settings, probe_weights, max_new_tokens, progress)
     images = baseline.images
     if settings.patch_fraction > 0:
         images, _ = mask_image_patches(images, baseline.attention_maps, baseline.grids, settings.patch_fraction,
@@ -141,6 +171,83 @@ def run_masked(
     result, _, _ = _pass(loaded, baseline.samples, images, context, batch_size, max_new_tokens, False, progress,
                          "masked pass")
     return result
+
+
+def _fast_masked(
+    loaded: Any, baseline: LiveBaseline, settings: MaskSettings, probe_weights: np.ndarray, max_new_tokens: int,
+    progress: Progress | None,
+) -> PassResult:
+    dims = masked_dimensions(settings, probe_weights, baseline.hidden_size)
+    masks = (patch_masks(len(baseline.images), baseline.attention_maps, baseline.grids, settings.patch_fraction,
+                         settings.patch_which, settings.seed)  # type: ignore[arg-type]
+             if settings.patch_fraction > 0 else None)
+    ablation = DimensionAblation(settings.layer, tuple(int(d) for d in dims)) if dims.size else None
+    size, total = baseline.batch_size, len(baseline.samples)
+    answers: list[str | None] = []
+    confidence: list[np.ndarray] = []
+    for b, kept in enumerate(baseline.kept or []):
+        rows = slice(b * size, min((b + 1) * size, total))
+        if masks is None and can_resume(loaded, kept):
+            logits = resumed_logits(loaded, kept, settings.layer, dims)
+            tokens = first_tokens(logits)
+        else:
+            inputs = dict(kept.inputs)
+            if masks is not None:
+                inputs["pixel_values"] = grey_pixel_values(loaded, kept, baseline.images[rows], masks[rows])
+            with ablation(loaded) if ablation is not None else nullcontext():
+                logits, tokens = first_token_logits(loaded, inputs)
+        answers += decided_answers(loaded, tokens)
+        confidence.append(answer_confidence(loaded, logits))
+        report(progress, rows.stop, total, "masked pass")
+    scores = np.concatenate(confidence)
+    undecided = [i for i, a in enumerate(answers) if a is None]
+    if undecided:  # the first token does not settle the answer: the full masked generate for those rows
+        images = [grey_cells(baseline.images[i], masks[i]) if masks is not None else baseline.images[i]
+                  for i in undecided]
+        full, _, _ = _pass(loaded, [baseline.samples[i] for i in undecided], images,
+                           ablation(loaded) if ablation is not None else nullcontext(), size, max_new_tokens, False,
+                           None, "masked pass")
+        for j, i in enumerate(undecided):
+            answers[i] = full.answers[j]
+            scores[i] = full.confidence[j]
+    texts = [str(a) for a in answers]
+    correct = np.asarray([is_correct(loaded.adapter.normalize(t), s.label) for t, s in zip(texts, baseline.samples)],
+                         dtype=bool)
+    return PassResult(texts, correct, scores)
+
+
+def run_masked_in_parallel(
+    jobs: Mapping[str, tuple[Any, LiveBaseline, MaskSettings, np.ndarray]],
+) -> dict[str, PassResult]:
+    """`run_masked` for several models (label -> (loaded, baseline, settings, probe weights)), each in its own
+    thread: the page compares two models per change, and two small models side by side keep two cores busy where
+    one model's intra-op threads do not (measured on the shared 2-core machine: ~1.7x less wall time than one
+    after the other). Safe on shared models: ablation hooks act only in the thread that opened them."""
+    if len(jobs) <= 1:
+        return {label: run_masked(*job) for label, job in jobs.items()}
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="vlmrel-masking") as pool:
+        futures = {label: pool.submit(run_masked, *job) for label, job in jobs.items()}
+        return {label: future.result() for label, future in futures.items()}
+
+
+def masked_answer(
+    loaded: Any, baseline: LiveBaseline, settings: MaskSettings, probe_weights: np.ndarray, index: int,
+    max_new_tokens: int = 8,
+) -> tuple[str, float]:
+    """One question's full masked answer text and confidence (the page's before/after example): the same mask as
+    `run_masked` (the patch draws are made over all questions, as there), one full `generate`."""
+    if settings.is_identity:
+        return baseline.result.answers[index], float(baseline.result.confidence[index])
+    image = baseline.images[index]
+    if settings.patch_fraction > 0:
+        masks = patch_masks(len(baseline.images), baseline.attention_maps, baseline.grids, settings.patch_fraction,
+                            settings.patch_which, settings.seed)  # type: ignore[arg-type]
+        image = grey_cells(image, masks[index])
+    dims = masked_dimensions(settings, probe_weights, baseline.hidden_size)
+    context = DimensionAblation(settings.layer, tuple(int(d) for d in dims))(loaded) if dims.size else nullcontext()
+    result, _, _ = _pass(loaded, [baseline.samples[index]], [image], context, 1, max_new_tokens, False, None,
+                         "masked example")
+    return result.answers[0], float(result.confidence[0])
 
 
 def paired_effect(unmasked: PassResult, masked: PassResult, n_boot: int = 1000, seed: int = 0,
@@ -162,5 +269,5 @@ def paired_effect(unmasked: PassResult, masked: PassResult, n_boot: int = 1000, 
     return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
 
 
-__all__ = ["EFFECT_COLUMNS", "LiveBaseline", "MaskSettings", "PassResult", "live_baseline", "masked_dimensions",
-           "paired_effect", "run_masked"]
+__all__ = ["EFFECT_COLUMNS", "LiveBaseline", "MaskSettings", "PassResult", "live_baseline", "masked_answer", "masked_dimensions",
+           "paired_effect", "run_masked", "run_masked_in_parallel"]

@@ -40,6 +40,56 @@ def _grid_for(grid: Any, i: int, n: int) -> tuple[int, int]:
     return rows, cols
 
 
+def cell_edges(height: int, width: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel edges of a (rows, cols) grid laid over a height x width image: ys (rows + 1,), xs (cols + 1,)."""
+    ys = np.floor(np.arange(rows + 1) * height / rows + 0.5).astype(int)
+    xs = np.floor(np.arange(cols + 1) * width / cols + 0.5).astype(int)
+    return ys, xs
+
+
+def patch_masks(
+    n_images: int,
+    attention_maps: Sequence[np.ndarray] | None,
+    grid: tuple[int, int] | Sequence[tuple[int, int]],
+    fraction: float = 0.3,
+    which: MaskWhich = "high",
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Which cells `mask_image_patches` greys, per image a boolean (rows, cols) mask, without touching pixels (the
+    live masking pass greys the processed pixel tensor instead). Same rules and random draws as there."""
+    if which not in MASK_WHICH:
+        raise ValueError(f"unknown masking {which!r}; expected one of {MASK_WHICH}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if which != "random":
+        if attention_maps is None:
+            raise ValueError(f"which={which!r} needs attention maps")
+        attention_maps = list(attention_maps)
+        if len(attention_maps) != n_images:
+            raise ValueError(f"{len(attention_maps)} attention maps for {n_images} images")
+    rng = np.random.default_rng(seed)
+    masks = []
+    for i in range(n_images):
+        rows, cols = _grid_for(grid, i, n_images)
+        n_cells = rows * cols
+        n_mask = n_masked_patches(n_cells, fraction)
+        if which == "random":
+            chosen = rng.choice(n_cells, size=n_mask, replace=False)
+        else:
+            attn = np.asarray(attention_maps[i], dtype=np.float64)
+            if attn.size != n_cells or (attn.ndim == 2 and attn.shape != (rows, cols)) or attn.ndim > 2:
+                raise ValueError(f"attention map {i} has shape {attn.shape}; expected ({rows}, {cols}) or ({n_cells},)")
+            if not np.isfinite(attn).all():
+                raise ValueError(f"attention map {i} contains NaN or infinite values")
+            flat = attn.reshape(-1)
+            order = np.argsort(-flat if which == "high" else flat, kind="stable")
+            chosen = order[:n_mask]
+        mask = np.zeros(n_cells, dtype=bool)
+        mask[chosen] = True
+        masks.append(mask.reshape(rows, cols))
+    return masks
+
+
 def mask_image_patches(
     images: Sequence[Image.Image],
     attention_maps: Sequence[np.ndarray] | None,
@@ -58,49 +108,21 @@ def mask_image_patches(
     images under LLaVA's resize + centre crop. Ties are broken by lower cell index; random draws use one
     generator seeded with ``seed`` over the images in order.
     """
-    if which not in MASK_WHICH:
-        raise ValueError(f"unknown masking {which!r}; expected one of {MASK_WHICH}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     images = list(images)
-    if which != "random":
-        if attention_maps is None:
-            raise ValueError(f"which={which!r} needs attention maps")
-        attention_maps = list(attention_maps)
-        if len(attention_maps) != len(images):
-            raise ValueError(f"{len(attention_maps)} attention maps for {len(images)} images")
-    rng = np.random.default_rng(seed)
-    masked_images, masks = [], []
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected PIL images, got {type(image).__name__} at index {i}")
-        rows, cols = _grid_for(grid, i, len(images))
-        n_cells = rows * cols
-        n_mask = n_masked_patches(n_cells, fraction)
-        if which == "random":
-            chosen = rng.choice(n_cells, size=n_mask, replace=False)
-        else:
-            attn = np.asarray(attention_maps[i], dtype=np.float64)
-            if attn.size != n_cells or (attn.ndim == 2 and attn.shape != (rows, cols)) or attn.ndim > 2:
-                raise ValueError(f"attention map {i} has shape {attn.shape}; expected ({rows}, {cols}) or ({n_cells},)")
-            if not np.isfinite(attn).all():
-                raise ValueError(f"attention map {i} contains NaN or infinite values")
-            flat = attn.reshape(-1)
-            order = np.argsort(-flat if which == "high" else flat, kind="stable")
-            chosen = order[:n_mask]
-        mask = np.zeros(n_cells, dtype=bool)
-        mask[chosen] = True
-        mask = mask.reshape(rows, cols)
-        rgb = image.convert("RGB")
-        pixels = np.array(rgb)
-        height, width = pixels.shape[:2]
-        ys = np.floor(np.arange(rows + 1) * height / rows + 0.5).astype(int)
-        xs = np.floor(np.arange(cols + 1) * width / cols + 0.5).astype(int)
-        for r, c in zip(*np.nonzero(mask)):
-            pixels[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = fill
-        masked_images.append(Image.fromarray(pixels))
-        masks.append(mask)
-    return masked_images, masks
+    masks = patch_masks(len(images), attention_maps, grid, fraction, which, seed)
+    return [grey_cells(image, mask, fill) for image, mask in zip(images, masks)], masks
+
+
+def grey_cells(image: Image.Image, mask: np.ndarray, fill: tuple[int, int, int] = GREY) -> Image.Image:
+    """A copy of ``image`` with the cells of the boolean (rows, cols) ``mask`` filled, the grid over the whole image."""
+    pixels = np.array(image.convert("RGB"))
+    ys, xs = cell_edges(pixels.shape[0], pixels.shape[1], *mask.shape)
+    for r, c in zip(*np.nonzero(mask)):
+        pixels[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = fill
+    return Image.fromarray(pixels)
 
 
 def attention_grids(attentions: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> list[np.ndarray]:
