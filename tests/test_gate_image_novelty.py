@@ -142,3 +142,13 @@ def test_novelty_section_checks_image_tests():
         NoveltySection(image_statistics=False, window_tests=["classifier", "image_classifier"])
     with pytest.raises(ValueError, match="each test once"):
         NoveltySection(window_tests=["classifier", "classifier"])
+
+
+def test_reference_rows_of_the_two_scores_are_the_same_calibration_rows(scenes):
+    """The state classifier test groups reference rows by their image statistics: both samples must be the same rows."""
+    calibration = np.repeat(scenes[:150], 4, axis=0)  # 600 rows > the 400-row reference sample
+    states = np.column_stack([np.arange(600.0), np.random.default_rng(3).normal(size=(600, 3))])
+    state_model = fit_novelty(states[:200], states, "mahalanobis", seed=7)
+    image_model = fit_image_novelty(scenes, calibration, seed=7)
+    rows = state_model.reference_states[:, 0].astype(int)
+    np.testing.assert_allclose(image_model.reference_features, calibration[rows].astype(np.float32), rtol=1e-6)

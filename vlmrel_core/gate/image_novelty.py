@@ -185,7 +185,11 @@ class ImageNoveltyModel:
 def fit_image_novelty(train_features: Any, calibration_features: Any, *, false_reject_rate: float = 0.02,
                       reference_size: int = 400, seed: int = 0) -> ImageNoveltyModel:
     """Ledoit-Wolf Mahalanobis on the unique training images' statistics (standardised); threshold = the
-    (1 - false_reject_rate) quantile of the calibration rows' scores (`joint_thresholds` may raise it)."""
+    (1 - false_reject_rate) quantile of the calibration rows' scores (`joint_thresholds` may raise it).
+
+    The reference sample is drawn exactly as `novelty.fit_novelty` draws its reference states (same ``seed`` and
+    ``reference_size`` over the same calibration rows), so the two are row-aligned: the state classifier test
+    groups its folds by the image each reference row was asked about."""
     if not 0.0 < false_reject_rate < 0.5:
         raise ImageNoveltyError(f"false_reject_rate must be in (0, 0.5), got {false_reject_rate}")
     train = np.unique(_as_features(train_features, "train_features"), axis=0)  # one row per image, not per question
