@@ -79,7 +79,11 @@ def classifier_test(reference: Any, current: Any, alpha: float = 0.01, seed: int
         groups = np.asarray(groups)
         if groups.shape != (len(x),):
             raise ValueError(f"groups: one label per reference and current row ({len(x)}), got shape {groups.shape}")
-        folds = StratifiedGroupKFold(2, shuffle=True, random_state=seed).split(x, y, groups)
+        folds = list(StratifiedGroupKFold(2, shuffle=True, random_state=seed).split(x, y, groups))
+        if any(len(np.unique(y[part])) < 2 for fold in folds for part in fold):
+            # e.g. a window of questions about one image: no grouped split has both sides in both folds, so the
+            # rows are split as plain rows (conservative: shared images make an alarm more likely, not less)
+            folds = list(StratifiedKFold(2, shuffle=True, random_state=seed).split(x, y))
     for fit_idx, eval_idx in folds:
         scaler = StandardScaler().fit(x[fit_idx])
         model = LogisticRegression(C=C, max_iter=500).fit(scaler.transform(x[fit_idx]), y[fit_idx])
