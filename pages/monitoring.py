@@ -141,7 +141,8 @@ if shift is not None:
     st.header("Shift report: the certified gate under each shift")
     st.dataframe(shift.table(), hide_index=True, width="stretch", key="shift_table",
                  column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                for c in ("accuracy", "certified_risk", "certified_coverage", "novelty_routed_share")})
+                                for c in ("accuracy", "certified_risk", "certified_coverage", "novelty_routed_share",
+                                          "image_novel_share")})
     st.caption("In-domain windows: false-alarm rate of the window tests at the largest window; false-reject rate: "
                "in-domain inputs routed as out of distribution.")
     st.dataframe(shift.in_domain_rates(), hide_index=True, width="stretch", key="shift_in_domain")

@@ -75,3 +75,16 @@ def test_recalibrated_copy_replaces_the_probe_calibrator_and_drops_the_certifica
     no_file.calibration = None
     with pytest.raises(GateError, match="no calibration_file"):
         write_recalibrated_bundle(no_file, new.to_dict(), tmp_path / "x.json")
+
+
+def test_a_config_asking_for_image_statistics_the_bundle_lacks_is_a_clear_error(tmp_path, late_bundle):
+    """The synthetic run names no images, so its bundle has none and says so; asking for them fails by name."""
+    import shutil
+
+    assert late_bundle.config.monitor.novelty.image_statistics is False and late_bundle.novelty.image is None
+    copy = shutil.copytree(late_bundle.out_dir, tmp_path / "bundle")
+    text = (copy / "gate.yaml").read_text()
+    assert "image_statistics: false" in text
+    (copy / "gate.yaml").write_text(text.replace("image_statistics: false", "image_statistics: true"))
+    with pytest.raises(GateError, match="holds no image statistics.*rebuild the bundle"):
+        load_gate_components(copy / "gate.yaml")

@@ -48,10 +48,12 @@ def test_unsafe_yaml_is_refused():
         parse_gate_yaml("reliability_monitor: !!python/object:os.system {}", BUNDLE)
 
 
-def _decision(confidence: float, state: np.ndarray, action: str = "generate", reason: str | None = None) -> GateDecision:
+def _decision(confidence: float, state: np.ndarray, features: np.ndarray, action: str = "generate",
+              reason: str | None = None) -> GateDecision:
     return GateDecision(answer="yes", answer_text="yes", confidence=float(confidence), action=action,
                         accepted=action == "generate", route="answer", certified=False, self_consistency=None,
-                        evidence={"state": state.tolist(), "raw_probe_score": float(confidence)},
+                        evidence={"state": state.tolist(), "image_features": features.tolist(),
+                                  "raw_probe_score": float(confidence)},
                         reason=reason)
 
 
@@ -61,10 +63,12 @@ def _batch(components, shifted: bool, n: int = 40, labelled: bool = False) -> Ba
     conf_ref = components.calibration.drift_reference.confidence
     rows = rng.choice(ref.shape[0], n)
     states = ref[rows] + (5.0 * ref.std(axis=0) + 1.0 if shifted else 0.0)
+    ref_features = components.novelty.image.reference_features  # row-aligned with the reference states
+    features = ref_features[rows] + (5.0 * ref_features.std(axis=0) if shifted else 0.0)
     confidence = np.full(n, 0.99) if shifted else rng.choice(conf_ref, n)
-    decisions = [_decision(c, s, "fallback" if shifted and i % 4 == 0 else "generate",
+    decisions = [_decision(c, s, f, "fallback" if shifted and i % 4 == 0 else "generate",
                            "out of distribution" if shifted and i % 4 == 0 else None)
-                 for i, (c, s) in enumerate(zip(confidence, states))]
+                 for i, (c, s, f) in enumerate(zip(confidence, states, features))]
     samples = [VQASample(f"q{i}", Path(f"img{i % 20}.png"), "is there a circle?", "yes" if labelled else None)
                for i in range(n)]
     correct = [bool(rng.random() < c) for c in confidence] if labelled else [None] * n
@@ -75,7 +79,7 @@ def test_in_domain_windows_stay_quiet_and_a_shift_alerts(components):
     quiet = monitor_batch(components, _batch(components, shifted=False), window=20)
     loud = monitor_batch(components, _batch(components, shifted=True), window=20)
     assert len(quiet.windows) == len(loud.windows) == 2
-    assert quiet.window_tests == ["classifier", "novelty_rate"]
+    assert quiet.window_tests == ["classifier", "novelty_rate", "image_classifier"]
     assert not any(w["window_alarm"] for w in quiet.windows)
     assert all(w["alert"] and w["window_alarm"] for w in loud.windows)
     assert all(w["kl"] > quiet.thresholds["kl"] for w in loud.windows)
@@ -107,7 +111,7 @@ def test_figures_draw_windows_tests_and_routing(components):
     batch = monitor_batch(components, _batch(components, shifted=True), window=20)
     assert len(window_confidence_figure(batch).data) == 1 + len(batch.windows)
     tests = window_tests_figure(batch)
-    assert len(tests.data) == 5  # KL, KS, embedding shift, classifier, novelty_rate
+    assert len(tests.data) == 6  # KL, KS, embedding shift, classifier, novelty_rate, image_classifier
     assert all(colour == WRONG for colour in tests.data[0].marker.color)  # every shifted window's KL alarms
     quiet = window_tests_figure(monitor_batch(components, _batch(components, shifted=False), window=20))
     assert all(colour == CORRECT for trace in quiet.data[3:] for colour in trace.marker.color)  # OOD tests quiet

@@ -22,6 +22,7 @@ from vlmrel_core.data.shapes import make_scene, render_scene
 from vlmrel_core.engine.loading import load_vlm
 from vlmrel_core.gate.config import NoveltySection
 from vlmrel_core.gate.fit import build_gate_from_run
+from vlmrel_core.validation.errors import InputError
 
 FAMILY = "late_fusion"
 QUESTION = "is there a red circle in the image?"
@@ -67,7 +68,8 @@ def scene(i: int) -> Image.Image:
 
 def test_the_built_gate_carries_a_certificate_and_novelty_statistics(build):
     assert build.report["risk_certificate"]["target_risk"] == 0.1
-    assert build.novelty is not None and build.novelty.threshold > 0
+    assert build.novelty is not None and build.novelty.threshold > 0 and build.novelty.image is not None
+    assert build.config.monitor.novelty.image_statistics
     assert build.report["novelty"]["false_reject_rate_test"] <= 0.05
 
 
@@ -79,22 +81,31 @@ def test_degenerate_questions_go_to_fallback_uncertified(build, loaded):
         assert decision.novelty > decision.evidence["novelty_threshold"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured gap (issue 16): the k-NN novelty on the probe layer's last-token state scores natural photos and "
-    "blank images inside the in-domain range (late fusion: photos 2.6-5.8, white 5.8, black 7.0 vs threshold 6.4; "
-    "early fusion: every one below its threshold), so most are served and even certified. Only a window of photos "
-    "alarms (shift report: alarm@200 = 1.00). Mean-pooled image-token states (layers 0 and 3) do not separate them "
-    "either; the tiny embedded models need an input-side image statistic."))
 def test_photos_and_blank_images_go_to_fallback_uncertified(build, loaded):
+    """The state score alone let these through (issue 16: photos 2.6-5.8 against a k-NN threshold of 6.4); the
+    image statistics scored in the same call route every one of them."""
     photos = [Image.fromarray(image) for image in load_sample_images().images]
     far = [photos[0], photos[0].crop((100, 100, 324, 324)), photos[1]]
-    far += [Image.new("RGB", (64, 64), colour) for colour in ("white", "black")]
+    far += [Image.new("RGB", (64, 64), colour) for colour in ("white", "black", (115, 115, 115))]
     decisions = gate_with(build, loaded).answer_batch(far, [QUESTION] * len(far))
-    assert all(d.reason == OOD and d.action == "fallback" and not d.certified for d in decisions)
+    for decision in decisions:
+        assert decision.reason == OOD and decision.action == "fallback" and not decision.certified
+        assert decision.evidence["image_novelty"] > decision.evidence["image_novelty_threshold"]
+
+
+@pytest.mark.parametrize("question", ["", " ", "\t"])
+def test_empty_questions_are_refused_before_any_answer(build, loaded, question):
+    """An empty or whitespace question never reaches the model, so it can never come out certified: the gate
+    refuses it with one clear error (punctuation-only questions are answered and routed as novel, above)."""
+    gate = gate_with(build, loaded)
+    with pytest.raises(InputError, match="empty|whitespace"):
+        gate.answer_batch([scene(3)], [question])
+    assert gate.stats()["n_decisions"] == 0
 
 
 def test_held_out_in_domain_inputs_are_left_alone(held_out_decisions):
-    novel = [d for d in held_out_decisions if d.novelty > d.evidence["novelty_threshold"]]
+    novel = [d for d in held_out_decisions if d.novelty > d.evidence["novelty_threshold"]
+             or d.evidence["image_novelty"] > d.evidence["image_novelty_threshold"]]
     assert len(novel) <= 0.05 * N_HELD_OUT, f"{len(novel)}/{N_HELD_OUT} in-domain inputs routed as novel"
     assert all(d.reason == OOD and d.action == "fallback" and not d.certified for d in novel)
     # the certificate is in force for the rest: some decisions are certified answers

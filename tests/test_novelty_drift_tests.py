@@ -84,3 +84,15 @@ def test_window_detector_validates_tests():
     model = fit_novelty(_states(100, 0), _states(100, 1))
     with pytest.raises(ValueError, match="subset"):
         WindowDriftDetector(model, ["ks"])
+
+
+def test_grouped_classifier_test_handles_a_window_about_one_image():
+    reference = _states(400, 10)
+    one_image = _states(200, 11)
+    groups = np.r_[np.arange(400), np.full(200, 400)]  # every window row asks about the same image
+    result = classifier_test(reference, one_image, alpha=0.01, seed=0, groups=groups)
+    assert 0.0 <= result.pvalue <= 1.0
+    paired = np.r_[np.arange(400) // 2, 200 + np.arange(200) // 2]  # two questions per image on both sides
+    assert not classifier_test(reference, _states(200, 12), alpha=0.01, seed=0, groups=paired).alarm
+    with pytest.raises(ValueError, match="groups"):
+        classifier_test(reference, one_image, groups=np.zeros(3))

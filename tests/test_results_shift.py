@@ -25,6 +25,7 @@ def test_table_holds_every_model_and_shift_with_the_json_values():
     assert row["certified_risk"] == style["certified_rule"]["realised_risk"]
     assert row["certified_coverage"] == style["certified_rule"]["coverage"]
     assert row["novelty_routed_share"] == style["novelty_share"]
+    assert row["image_novel_share"] == style["novelty_share_image"]
     assert row["alarm_rate@100"] == style["windows"]["100"]["alarm_rate"]
     rates = report.in_domain_rates().set_index("model")
     assert rates.loc["early_fusion", "in_domain_false_reject_rate"] == raw["early_fusion"]["goals"]["in_domain_false_reject_rate"]

@@ -49,3 +49,13 @@ def test_a_missing_run_fails_before_any_bundle_is_rebuilt(tmp_path, monkeypatch)
     monkeypatch.setattr(refresh, "refresh_family_gate", lambda *a, **k: pytest.fail("rebuilt before checking"))
     with pytest.raises(Exception, match="drift_shifted"):
         refresh.refresh_gates(root)
+
+
+def test_clearing_a_bundle_keeps_files_other_tools_put_there(tmp_path):
+    for name in ("probe", "novelty"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.json").write_text("{}")
+    for name in ("gate.yaml", "calibration.json", "report.json", "drift.json", "live_run.json", "layer_probes.json"):
+        (tmp_path / name).write_text("{}")
+    refresh.clear_gate_bundle(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_probes.json"]

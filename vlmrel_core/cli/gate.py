@@ -121,7 +121,8 @@ def _cmd_build_gate(args: argparse.Namespace) -> int:
             gray_zone=_parse_gray_zone(args.gray_zone), gray_zone_halfwidth=args.gray_zone_halfwidth,
             gray_zone_action=args.gray_zone_action, fallback_strategy=args.fallback_strategy, model_path=args.model,
             split=SplitSpec("image", args.test_fraction, args.calibration_fraction, args.seed), seed=args.seed,
-            novelty_method=args.novelty_method, novelty_shifted_runs=args.novelty_shifted_run, progress=progress,
+            novelty_method=args.novelty_method, novelty_shifted_runs=args.novelty_shifted_run,
+            image_statistics=args.image_statistics, image_root=args.image_root, progress=progress,
         )
     report = build.report
     summary = {
@@ -240,6 +241,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--novelty-method", choices=["knn", "mahalanobis", "auto"], default="knn",
                    help="novelty score; 'auto' picks by held-out AUROC against --novelty-shifted-run")
+    p.add_argument("--image-statistics", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score each input's image statistics for novelty (default: when the run's rows name "
+                        "their images)")
+    p.add_argument("--image-root", default=None, help="folder the run's image paths are relative to (default: the "
+                                                      "dataset JSONL's folder)")
     p.add_argument("--novelty-shifted-run", action="append", default=[], metavar="RUN_DIR",
                    help="an extraction of shifted data from the same model (repeatable; needed by 'auto')")
     p.set_defaults(func=_cmd_build_gate)

@@ -9,6 +9,7 @@ A config is resolved once: public entry points accept a path or a parsed `GateCo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,7 @@ import numpy as np
 from vlmrel_core.analysis.probes import Probe, load_probe
 from vlmrel_core.gate.calibration import AnyCalibrator, TemperatureScaler, calibrator_from_dict
 from vlmrel_core.gate.config import GateConfig, GateConfigError, dump_gate_config, load_gate_config
+from vlmrel_core.gate.image_novelty import IMAGE_FILES
 from vlmrel_core.gate.novelty import NoveltyModel
 from vlmrel_core.gate.records import CalibrationBundle, GateError
 from vlmrel_core.gate.runtime import ReliabilityGate
@@ -84,6 +86,16 @@ def _read_components(
         calibrator = TemperatureScaler(score_kind="prob", temperature=float(m.probe.temperature))
     novelty_dir = config.resolve(m.novelty.path, "novelty.path")
     novelty = NoveltyModel.load(novelty_dir) if novelty_dir is not None else None
+    if novelty is not None and m.novelty.image_statistics and novelty.image is None:
+        raise GateError(
+            f"reliability_monitor.novelty.image_statistics: true, but {novelty_dir} holds no image statistics "
+            f"({' + '.join(IMAGE_FILES)}); rebuild the bundle (`vlmrel build-gate`, `vlmrel refresh-sample-data "
+            "--only gates`) or set image_statistics: false")
+    if novelty is not None and not m.novelty.image_statistics and novelty.image is not None:
+        # Asked not to use them: the state score alone, at its own calibrated threshold (not the joint one).
+        novelty = dataclasses.replace(novelty, image=None, threshold=float(novelty.info.get("state_only_threshold", novelty.threshold)))
+    if novelty is not None and novelty.image is None and "image_classifier" in m.novelty.window_tests:
+        raise GateError("reliability_monitor.novelty.window_tests: 'image_classifier' needs the bundle's image statistics")
     return GateComponents(config, probe, calibrator, calibration, novelty)
 
 

@@ -172,15 +172,27 @@ class NoveltySection(_Strict):
     never certified). While a window of ``window`` inputs is in alarm no decision is certified, and ``on_alarm``
     says what else happens: ``flag`` (serve as routed, uncertified), ``fallback`` (route everything to the
     fallback) or ``recalibrate`` (fallback, and the gate asks for a labelled sample to recalibrate on).
+    ``image_statistics``: also score each input's image statistics (`gate.image_novelty`; the bundle's
+    ``image_novelty.*`` files, thresholds set jointly with the state score) — a bundle without them is an error.
+    Window tests run at ``alpha`` / (number of tests) each (Bonferroni); ``image_classifier`` needs image statistics.
     """
 
     path: str | None = Field(default=None, min_length=1)  # folder with novelty.json + novelty.safetensors
     route_novel: bool = True
-    window_tests: list[Literal["classifier", "mmd", "novelty_rate"]] = Field(
+    image_statistics: bool = True
+    window_tests: list[Literal["classifier", "mmd", "novelty_rate", "image_classifier"]] = Field(
         default_factory=lambda: ["classifier", "novelty_rate"], min_length=1)
     window: int = Field(default=200, ge=20, le=100_000)
     alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
     on_alarm: Literal["flag", "fallback", "recalibrate"] = "flag"
+
+    @model_validator(mode="after")
+    def _image_tests(self) -> "NoveltySection":
+        if "image_classifier" in self.window_tests and not self.image_statistics:
+            raise ValueError("window_tests: 'image_classifier' tests image statistics; set image_statistics: true")
+        if len(set(self.window_tests)) != len(self.window_tests):
+            raise ValueError(f"window_tests: each test once, got {self.window_tests}")
+        return self
 
 
 class LoggingSection(_Strict):

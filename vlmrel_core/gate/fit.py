@@ -33,6 +33,7 @@ from vlmrel_core.gate.config import (
     RiskTarget,
     RoutingSection,
 )
+from vlmrel_core.gate.image_novelty import fit_image_novelty, run_image_features
 from vlmrel_core.gate.novelty import NoveltyModel
 from vlmrel_core.gate.novelty_choice import NoveltyChoice, fit_chosen_novelty, shifted_run_states
 from vlmrel_core.gate.records import CalibrationBundle, DriftReference
@@ -42,6 +43,9 @@ from vlmrel_core.gate.signal_calibration import OUTPUT_SIGNALS, calibrate_signal
 from vlmrel_core.progress import Progress, report as report_progress
 
 DEFAULT_GRAY_ZONE_HALFWIDTH = 0.075
+STATE_WINDOW_TESTS: tuple[str, ...] = ("classifier", "novelty_rate")
+# With image statistics: the image classifier test sees JPEG / blur / background shifts the states barely show.
+IMAGE_WINDOW_TESTS: tuple[str, ...] = ("classifier", "novelty_rate", "image_classifier")
 _STAGES = 4  # probe, calibration, threshold, report (+ bundle)
 
 
@@ -106,6 +110,7 @@ def _selective(correct: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
 def _gate_config(
     manifest: RunManifest, target_layer: int, pooling: str, calibration_method: CalibrationMethod,
     calibrator: AnyCalibrator, routing: RoutingSection, model_path: str, out_dir: Path | None,
+    image_statistics: bool = True,
 ) -> GateConfig:
     """The bundle's config as validated pydantic objects; relative paths resolve against ``out_dir``."""
     model_path_text = _model_path_for_bundle(model_path, out_dir)
@@ -123,7 +128,8 @@ def _gate_config(
     monitor = ReliabilityMonitorConfig(
         architecture=architecture_name(manifest.fusion), target_layer=int(target_layer), model=model, probe=probe,
         routing=routing, max_new_tokens=int(manifest.max_new_tokens), normalization=manifest.normalization,
-        novelty=NoveltySection(path=BUNDLE_NOVELTY),
+        novelty=NoveltySection(path=BUNDLE_NOVELTY, image_statistics=image_statistics,
+                               window_tests=list(IMAGE_WINDOW_TESTS if image_statistics else STATE_WINDOW_TESTS)),
         # a model outside the bundle (the shipped bundles point at sample_data/models) must be allowed explicitly
         allow_external_paths=_leaves_folder(model_path_text, out_dir),
     )
@@ -164,6 +170,8 @@ def build_gate_from_run(
     novelty_method: NoveltyChoice = "knn",
     novelty_shifted_runs: Sequence[str | Path] = (),
     layer_probes: bool = True,
+    image_statistics: bool | None = None,
+    image_root: str | Path | None = None,
     progress: Progress | None = None,
 ) -> GateBuild:
     """Fit a gate on a cached extraction run and (if ``out_dir``) write its bundle.
@@ -178,6 +186,11 @@ def build_gate_from_run(
     ``novelty_method="auto"`` picks the novelty score by held-out AUROC against ``novelty_shifted_runs``
     (`gate.novelty_choice`); the choice and the comparison go into the report. With ``out_dir`` and
     ``layer_probes`` the bundle also ships a probe per layer for the Inspect strip (`inspection.layer_probe_file`).
+    ``image_statistics`` also fits
+    the image-statistics novelty score (`gate.image_novelty`) on the run's images (read relative to ``image_root``,
+    default the dataset JSONL's folder), with both thresholds set jointly for the same false-reject rate; ``None``
+    fits it when the run's rows name their images (an ``image`` column; an unreadable image is then an error) and
+    says so in the config (``novelty.image_statistics``) and the report.
     """
     if (threshold is None) == (risk_target is None):
         raise ValueError("give exactly one of threshold (a calibrated confidence) or risk_target")
@@ -192,6 +205,8 @@ def build_gate_from_run(
     reader = RunReader(run_dir)
     manifest = reader.manifest
     rows = reader.rows
+    if image_statistics is None:
+        image_statistics = "image" in rows.columns
     y = labels_of(rows)
     spec = split or SplitSpec("image", test_fraction=0.2, calibration_fraction=0.3, seed=seed)
     if spec.calibration_fraction <= 0:
@@ -245,7 +260,7 @@ def build_gate_from_run(
     try:
         routing = _routing(gate_threshold, zone, risk_target, delta, gray_zone_action, fallback_strategy)
         config = _gate_config(manifest, target_layer, pooling, calibration_method, calibrator, routing,
-                              model_path or manifest.model_source, out_path)
+                              model_path or manifest.model_source, out_path, image_statistics)
     except ValidationError as err:
         raise GateConfigError(f"build_gate_from_run: these arguments make an invalid gate config:\n{err}") from None
     k = config.monitor.routing.self_consistency_k
@@ -258,6 +273,11 @@ def build_gate_from_run(
                if novelty_shifted_runs else {})
     novelty, novelty_selection = fit_chosen_novelty(states[parts.train], states[cal], states[test], novelty_method,
                                                     shifted, seed=seed)
+    features = None
+    if image_statistics:
+        features = run_image_features(reader, image_root)
+        novelty.attach_image(fit_image_novelty(features[parts.train], features[cal],
+                                               false_reject_rate=novelty.false_reject_rate, seed=seed))
     drift_reference = DriftReference(conf[held_out], states[held_out].astype(np.float64).mean(axis=0),
                                      source=f"{run_dir}: calibration + test rows (n={held_out.size})")
     signal_calibrators = {
@@ -307,10 +327,17 @@ def build_gate_from_run(
         "calibration": reports,
         "calibration_summary": summary_table(reports),
     }
+    test_features = None if features is None else features[test]
     report["novelty"] = {"method": novelty.method, "threshold": novelty.threshold,
                          "false_reject_rate_target": novelty.false_reject_rate,
-                         "false_reject_rate_test": float(novelty.is_novel(states[test]).mean()) if test.size else None,
+                         "false_reject_rate_test": float(novelty.is_novel(states[test], test_features).mean()) if test.size else None,
                          "selection": novelty_selection}
+    if novelty.image is not None and test_features is not None:
+        report["novelty"]["image_statistics"] = {
+            "threshold": novelty.image.threshold, "per_score_rate": novelty.info.get("joint_per_score_rate"),
+            "false_reject_rate_test_state": float((novelty.score(states[test]) > novelty.threshold).mean()) if test.size else None,
+            "false_reject_rate_test_image": float((novelty.image.score(test_features) > novelty.image.threshold).mean()) if test.size else None,
+            **novelty.image.info}
     build = GateBuild(config, probe, calibrator, calibration, report, novelty=novelty)
     if out_path is not None:
         report_progress(progress, 4, total, "write bundle")

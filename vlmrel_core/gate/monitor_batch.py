@@ -92,11 +92,12 @@ class BatchMonitoring:
         return pd.DataFrame(rows)
 
 
-def _states(result: BatchGateResult) -> np.ndarray | None:
-    states = [d.evidence.get("state") for d in result.decisions]
-    if not states or any(s is None for s in states):
+def _evidence_rows(result: BatchGateResult, key: str) -> np.ndarray | None:
+    """One evidence vector per decision (``state``, ``image_features``), or None when any decision lacks it."""
+    rows = [d.evidence.get(key) for d in result.decisions]
+    if not rows or any(r is None for r in rows):
         return None
-    return np.asarray(states, dtype=np.float64)
+    return np.asarray(rows, dtype=np.float64)
 
 
 def monitor_batch(components: GateComponents, result: BatchGateResult, window: int, seed: int = 0) -> BatchMonitoring:
@@ -111,7 +112,8 @@ def monitor_batch(components: GateComponents, result: BatchGateResult, window: i
     m = components.config.monitor
     reference = calibration.drift_reference
     confidence = np.array([d.confidence for d in result.decisions], dtype=np.float64)
-    states = _states(result)
+    states = _evidence_rows(result, "state")
+    features = _evidence_rows(result, "image_features")
     notes: list[str] = []
     if states is None:
         notes.append("decisions carry no probe-layer states (logging.capture_states off): embedding shift and OOD "
@@ -123,13 +125,17 @@ def monitor_batch(components: GateComponents, result: BatchGateResult, window: i
     if components.novelty is not None and states is not None:
         if window >= MIN_WINDOW:
             detector = WindowDriftDetector(components.novelty, m.novelty.window_tests, m.novelty.alpha, seed)
+            if detector.needs_images and features is None:
+                notes.append("decisions carry no image statistics: OOD window tests not computed")
+                detector = None
         else:
             notes.append(f"OOD window tests need windows of at least {MIN_WINDOW} inputs; window is {window}")
     windows = []
     for index, start in enumerate(range(0, confidence.size - window + 1, window)):
         stop = start + window
         check = monitor.check(confidence[start:stop], None if states is None else states[start:stop])
-        tests = detector.check(states[start:stop]) if detector is not None else None
+        tests = (detector.check(states[start:stop], image_features=None if features is None else features[start:stop])
+                 if detector is not None else None)
         windows.append({
             "index": index, "start": start, "stop": stop, "confidence": confidence[start:stop],
             "mean_confidence": float(confidence[start:stop].mean()), "kl": check.kl, "ks_statistic": check.ks_statistic,

@@ -5,6 +5,9 @@ know when it is off that distribution (on photographs the tiny models grow *more
 each input's probe-layer state — the state it already captured, no extra pass — for distance from the training
 states, and sends inputs beyond a threshold to the fallback as "out of distribution".
 
+With ``image`` set (`gate.image_novelty`), an input is also novel when its image statistics are far from the
+training images'; the two thresholds are then set jointly for the same total false-reject rate.
+
 Two scores: the Mahalanobis distance under a shrinkage covariance (Ledoit–Wolf or OAS, fitted on the train split)
 and the mean Euclidean distance to the k nearest training states (standardised per dimension). The threshold is a
 quantile of the calibration split's scores, set for a chosen in-domain false-reject rate. Saved as safetensors
@@ -22,6 +25,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.covariance import OAS, LedoitWolf
 
+from vlmrel_core.gate.image_novelty import IMAGE_FILES, ImageNoveltyModel, joint_thresholds
 from vlmrel_core.io import atomic_write_text
 
 NoveltyMethod = Literal["mahalanobis", "knn"]
@@ -62,6 +66,7 @@ class NoveltyModel:
     reference_states: np.ndarray  # held-out in-domain states for window tests
     reference_scores: np.ndarray  # calibration split's novelty scores (window novelty-rate tests)
     info: dict[str, Any] = field(default_factory=dict)
+    image: ImageNoveltyModel | None = None  # image statistics, thresholds set jointly (`attach_image`)
 
     @property
     def dim(self) -> int:
@@ -83,8 +88,32 @@ class NoveltyModel:
         k = min(self.k, self.bank.shape[0])
         return np.sort(dist, axis=1)[:, :k].mean(axis=1)
 
-    def is_novel(self, states: Any) -> np.ndarray:
-        return self.score(states) > self.threshold
+    def is_novel(self, states: Any, image_features: Any | None = None) -> np.ndarray:
+        """Novel by the state score, or (with an image model and ``image_features``) by the image score."""
+        novel = self.score(states) > self.threshold
+        if self.image is not None and image_features is not None:
+            novel |= self.image.score(image_features) > self.image.threshold
+        return novel
+
+    def attach_image(self, image: ImageNoveltyModel) -> "NoveltyModel":
+        """Add the image-statistics score and re-set both thresholds jointly on the calibration rows
+        (`image_novelty.joint_thresholds`): the share of calibration inputs novel by either score stays at
+        ``false_reject_rate``. ``image.reference_scores`` must be row-aligned with ``self.reference_scores``."""
+        state_t, image_t, rate = joint_thresholds(self.reference_scores, image.reference_scores, self.false_reject_rate)
+        self.info["state_only_threshold"] = float(self.threshold)
+        self.threshold, image.threshold, self.image = state_t, image_t, image
+        self.info["joint_per_score_rate"] = rate
+        return self
+
+    @property
+    def base_novel_rate(self) -> float:
+        """Share of calibration inputs novel by the score(s) in use (the window novelty-rate test's null rate)."""
+        if not self.reference_scores.size:
+            return 0.0
+        novel = self.reference_scores > self.threshold
+        if self.image is not None and self.image.reference_scores.shape == self.reference_scores.shape:
+            novel = novel | (self.image.reference_scores > self.image.threshold)
+        return float(novel.mean())
 
     # ---- persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -104,6 +133,11 @@ class NoveltyModel:
                 "threshold": float(self.threshold), "false_reject_rate": float(self.false_reject_rate),
                 "info": self.info}
         atomic_write_text(out / "novelty.json", json.dumps(meta, indent=1))
+        if self.image is not None:
+            self.image.save(out)
+        else:  # a refit without image statistics must not leave the previous ones behind
+            for name in IMAGE_FILES:
+                (out / name).unlink(missing_ok=True)
         return out
 
     @classmethod
@@ -125,9 +159,10 @@ class NoveltyModel:
         missing = [k for k in ("mean", "scale", "reference_states", "reference_scores", needed) if k not in t]
         if missing:
             raise NoveltyError(f"{tensor_path}: missing tensors {missing}")
+        image = ImageNoveltyModel.load(d) if (d / IMAGE_FILES[0]).is_file() else None
         return cls(meta["method"], t["mean"], t["scale"], t.get("precision"), t.get("bank"), int(meta["k"]),
                    float(meta["threshold"]), float(meta["false_reject_rate"]), t["reference_states"],
-                   t["reference_scores"], dict(meta.get("info", {})))
+                   t["reference_scores"], dict(meta.get("info", {})), image)
 
 
 def fit_novelty(

@@ -38,6 +38,7 @@ from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.gate.calibration import AnyCalibrator, TemperatureScaler
 from vlmrel_core.gate.config import GateConfig, ReliabilityMonitorConfig
 from vlmrel_core.gate.drift import DriftMonitor, DriftReport
+from vlmrel_core.gate.image_novelty import images_features
 from vlmrel_core.gate.novelty import NoveltyModel
 from vlmrel_core.gate.ood_guard import OODGuard
 from vlmrel_core.gate.records import Action, DriftReference, GateDecision, GateError
@@ -222,6 +223,9 @@ class ReliabilityGate:
             )
             t1 = time.perf_counter()
             states = record.states[self.pooling][:, 0, :]
+            # Image statistics of the images this call was handed (no model pass): the OOD guard's image score.
+            features = (images_features(batch_images, self.ood.novelty.image.side)
+                        if self.ood is not None and self.ood.novelty.image is not None else None)
             raw = self.probe.score(states)
             confidence = self.calibrator.transform(raw)
             signals = self._signals(record.output)
@@ -238,7 +242,7 @@ class ReliabilityGate:
                 decisions.append(self._decide(
                     batch_images[i], batch_questions[i], record.answer[i], record.answer_text[i],
                     float(raw[i]), float(confidence[i]), states[i], {n: {k: v[i] for k, v in e.items()} for n, e in signals.items()},
-                    record.n_forward_calls, shared, record.prefill, i,
+                    record.n_forward_calls, shared, None if features is None else features[i], record.prefill, i,
                 ))
         return decisions
 
@@ -260,7 +264,7 @@ class ReliabilityGate:
     def _decide(
         self, image: Image.Image, question: str, answer: str, answer_text: str, raw: float, confidence: float,
         state: np.ndarray, signals: Mapping[str, Mapping[str, Any]], pass_calls: int, shared: Mapping[str, float],
-        prefill: Prefill | None = None, row: int = 0,
+        image_features: np.ndarray | None = None, prefill: Prefill | None = None, row: int = 0,
     ) -> GateDecision:
         m = self.config.monitor
         routing = m.routing
@@ -280,7 +284,7 @@ class ReliabilityGate:
             action, accepted = "fallback", False
         else:
             action, accepted = where, where == "generate"
-        verdict = self.ood.observe(state) if self.ood is not None else None
+        verdict = self.ood.observe(state, image_features) if self.ood is not None else None
         reason = None
         if verdict is not None and not verdict.in_domain:
             certified = False  # the certificate holds only on the distribution it was fitted on
@@ -315,6 +319,8 @@ class ReliabilityGate:
         }
         if m.logging.capture_states:
             evidence["state"] = [float(v) for v in state]
+            if image_features is not None:
+                evidence["image_features"] = [float(v) for v in image_features]
         with self._lock:
             self._stats["n"] += 1
             self._stats[f"action_{action}"] += 1
@@ -328,6 +334,9 @@ class ReliabilityGate:
             evidence["drift"] = drift.to_dict()
         if verdict is not None:
             evidence["novelty_threshold"] = verdict.novelty_threshold
+            if verdict.image_novelty is not None and self.ood is not None and self.ood.novelty.image is not None:
+                evidence["image_novelty"] = verdict.image_novelty
+                evidence["image_novelty_threshold"] = float(self.ood.novelty.image.threshold)
             if verdict.window_report is not None:
                 evidence["window_drift"] = verdict.window_report
         return GateDecision(

@@ -8,6 +8,7 @@ rejects of held-out in-domain inputs). Everything is computed from cached extrac
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -16,7 +17,8 @@ from sklearn.metrics import roc_auc_score
 
 from vlmrel_core.engine.store import RunReader
 from vlmrel_core.gate.drift import DriftMonitor
-from vlmrel_core.gate.drift_tests import WINDOW_TESTS, WindowDriftDetector
+from vlmrel_core.gate.drift_tests import WindowDriftDetector
+from vlmrel_core.gate.image_novelty import run_image_features
 from vlmrel_core.gate.novelty import NoveltyModel, fit_novelty, run_split_states
 from vlmrel_core.io import atomic_write_text, write_json
 from vlmrel_core.progress import Progress, report as report_progress
@@ -29,14 +31,25 @@ NOVELTY_CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def _run_arrays(run_dir: str | Path, components: Any, exclude_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _run_arrays(run_dir: str | Path, components: Any, images: bool = False) -> dict[str, np.ndarray]:
+    """States, correctness, raw score and confidence per row (+ image statistics when ``images``)."""
     reader = RunReader(run_dir)
     pooling = components.config.monitor.probe.pooling
     states = reader.states(pooling, [components.probe.info.layers[0]])[:, 0].astype(np.float64)
     correct = reader.rows["correct"].to_numpy().astype(float)
-    keep = np.arange(len(states)) if exclude_rows is None else np.setdiff1d(np.arange(len(states)), exclude_rows)
-    raw, conf = components.confidences(states[keep])
-    return {"states": states[keep], "correct": correct[keep], "raw": raw, "confidence": conf}
+    raw, conf = components.confidences(states)
+    arrays = {"states": states, "correct": correct, "raw": raw, "confidence": conf}
+    if images:
+        arrays["features"] = run_image_features(reader)
+    return arrays
+
+
+def _novel_flags(novelty: NoveltyModel, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-row novelty: by the state score, by the image statistics (False without them), by either."""
+    state = novelty.score(data["states"]) > novelty.threshold
+    image = (novelty.image.score(data["features"]) > novelty.image.threshold if novelty.image is not None
+             else np.zeros(state.shape, bool))
+    return {"state": state, "image": image, "either": state | image}
 
 
 def _risk(correct: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
@@ -63,7 +76,7 @@ def compare_novelty(states: Mapping[str, np.ndarray], in_domain: np.ndarray, shi
     return chosen, table
 
 
-def _window_alarms(detector: WindowDriftDetector, monitor: DriftMonitor, novelty: NoveltyModel, data: Mapping[str, np.ndarray],
+def _window_alarms(detector: WindowDriftDetector, monitor: DriftMonitor, novel: np.ndarray, data: Mapping[str, np.ndarray],
                    size: int, n_windows: int, rng: np.random.Generator, kept: np.ndarray) -> dict[str, Any]:
     """Alarm rates over ``n_windows`` windows of ``size`` rows drawn from ``data`` (without replacement when the
     pool is big enough), and the certified decisions that survive (kept, not novel, window not in alarm)."""
@@ -71,11 +84,10 @@ def _window_alarms(detector: WindowDriftDetector, monitor: DriftMonitor, novelty
     per_test = {t: 0 for t in detector.tests}
     alarms = kl_ks_alarms = 0
     cert_kept = cert_errors = 0
-    scores = novelty.score(data["states"])
-    novel = scores > novelty.threshold
+    features = data.get("features")
     for _ in range(n_windows):
         idx = rng.choice(n, size, replace=size > n)
-        result = detector.check(data["states"][idx], scores[idx])
+        result = detector.check(data["states"][idx], novel[idx], None if features is None else features[idx])
         alarms += result.alarm
         for r in result.results:
             per_test[r.test] += r.alarm
@@ -99,7 +111,7 @@ def shift_report(
     window_sizes: Sequence[int] = WINDOW_SIZES,
     n_windows: int = 50,
     n_shift_windows: int = 20,
-    tests: Sequence[str] = WINDOW_TESTS,
+    tests: Sequence[str] | None = None,
     alpha: float = 0.01,
     false_reject_rate: float = 0.02,
     seed: int = 0,
@@ -123,12 +135,13 @@ def shift_report(
     threshold_raw, target = float(certificate["threshold"]), float(certificate["target_risk"])
     m = components.config.monitor
     states = run_split_states(RunReader(training_run), components.probe, m.probe.pooling)
-    training = _run_arrays(training_run, components)
+    images = components.novelty is not None and components.novelty.image is not None
+    training = _run_arrays(training_run, components, images)
     held = {k: training[k][states["test_idx"]] for k in training}
     for run in in_domain_runs:
-        extra = _run_arrays(run, components)
+        extra = _run_arrays(run, components, images)
         held = {k: np.concatenate([held[k], extra[k]]) for k in held}
-    shifts = {name: _run_arrays(path, components) for name, path in shift_runs.items()}
+    shifts = {name: _run_arrays(path, components, images) for name, path in shift_runs.items()}
     report_progress(progress, 0, 1, "novelty scores")
     best, comparison = compare_novelty(states, held["states"], {k: v["states"] for k, v in shifts.items()}, false_reject_rate)
     if novelty_source == "bundle":
@@ -139,7 +152,10 @@ def shift_report(
     else:
         novelty = fit_novelty(states["train"], states["calibration"], false_reject_rate=false_reject_rate,
                               **NOVELTY_CANDIDATES[best])
+        if images:  # the bundle's image statistics, thresholds re-set jointly with the refitted state score
+            novelty.attach_image(dataclasses.replace(components.novelty.image))
         chosen = best
+    tests = tuple(m.novelty.window_tests) if tests is None else tuple(tests)  # default: what the gate runs
     detector = WindowDriftDetector(novelty, tests, alpha, seed)
     cal_conf = training["confidence"][states["calibration_idx"]]
     mon = m.monitoring
@@ -151,19 +167,22 @@ def shift_report(
     rows: dict[str, Any] = {}
     for name, data, count in jobs:
         kept = data["raw"] >= threshold_raw
-        novel = novelty.score(data["states"]) > novelty.threshold
+        flags = _novel_flags(novelty, data)
+        novel = flags["either"]
         entry = {"n": int(kept.size), "accuracy": float(data["correct"].mean()),
                  "mean_confidence": float(data["confidence"].mean()),
                  "certified_rule": _risk(data["correct"], kept), "novelty_share": float(novel.mean()),
+                 "novelty_share_state": float(flags["state"].mean()), "novelty_share_image": float(flags["image"].mean()),
                  "certified_not_novel": _risk(data["correct"], kept & ~novel), "windows": {}}
         for size in window_sizes:
-            entry["windows"][str(size)] = _window_alarms(detector, monitor, novelty, data, size, count, rng, kept)
+            entry["windows"][str(size)] = _window_alarms(detector, monitor, novel, data, size, count, rng, kept)
             done += 1
             report_progress(progress, done, total, f"{name} window {size}")
         rows[name] = entry
     return {"gate": str(gate_config), "training_run": str(training_run), "target_risk": target,
             "delta": float(certificate["delta"]), "alpha": alpha, "tests": list(tests),
-            "false_reject_rate_target": false_reject_rate, "novelty_method": chosen, "novelty_best_on_shifts": best,
+            "false_reject_rate_target": false_reject_rate, "novelty_method": chosen,
+            "image_statistics": images, "image_novelty_threshold": novelty.image.threshold if images else None, "novelty_best_on_shifts": best,
             "novelty_comparison": comparison, "novelty_false_reject_rate_target": novelty.false_reject_rate,
             "novelty_threshold": novelty.threshold, "n_windows_in_domain": n_windows, "n_windows_shift": n_shift_windows,
             "window_sizes": list(window_sizes), "shifts": rows, "goals": _goals(rows, target, max(window_sizes))}
@@ -191,6 +210,18 @@ def _goals(rows: Mapping[str, Any], target: float, size: int) -> dict[str, Any]:
     return result
 
 
+def _window_counts(rep: Mapping[str, Any]) -> str:
+    """"100 in-domain / 20 shift windows per size", or per size when the sizes were measured with other counts."""
+    by_size = rep.get("n_windows_by_size")
+    if not by_size:
+        return f"{rep['n_windows_in_domain']} in-domain / {rep['n_windows_shift']} shift windows per size"
+    return "; ".join(f"{ind} in-domain / {sh} shift windows at {size}" for size, (ind, sh) in by_size.items())
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def write_shift_report(reports: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
     """``shift_report.json`` (all models) + ``shift_report.md`` (one table per model) in ``out_dir``."""
     out = Path(out_dir)
@@ -201,12 +232,14 @@ def write_shift_report(reports: Mapping[str, Mapping[str, Any]], out_dir: str | 
         sizes = rep["window_sizes"]
         lines += [f"## {model}", "",
                   f"Target risk {rep['target_risk']:g} (delta {rep['delta']:g}); novelty score `{rep['novelty_method']}` "
-                  f"(threshold {rep['novelty_threshold']:.3g}, target false-reject {rep.get('novelty_false_reject_rate_target', rep['false_reject_rate_target']):g}); "
+                  f"(threshold {rep['novelty_threshold']:.3g}, target false-reject {rep.get('novelty_false_reject_rate_target', rep['false_reject_rate_target']):g}"
+                  + (f", jointly with image statistics at threshold {rep['image_novelty_threshold']:.3g}" if rep.get("image_statistics") else "")
+                  + "); "
                   f"window tests {', '.join(rep['tests'])} at combined alpha {rep['alpha']:g}; "
-                  f"{rep['n_windows_in_domain']} in-domain / {rep['n_windows_shift']} shift windows per size.", "",
-                  "| shift | n | acc | mean conf | cert. risk | cert. cov | novelty share | "
+                  f"{_window_counts(rep)}.", "",
+                  "| shift | n | acc | mean conf | cert. risk | cert. cov | novelty share | image-novel share | "
                   + " | ".join(f"alarm@{s}" for s in sizes) + f" | KL/KS alarm@{sizes[-1]} | remaining cert. risk@{sizes[-1]} | remaining cert. share |",
-                  "|" + "---|" * (9 + len(sizes))]
+                  "|" + "---|" * (10 + len(sizes))]
         for name, row in rep["shifts"].items():
             w = row["windows"]
             risk = row["certified_rule"]["realised_risk"]
@@ -214,6 +247,7 @@ def write_shift_report(reports: Mapping[str, Mapping[str, Any]], out_dir: str | 
             lines.append(
                 f"| {name} | {row['n']} | {row['accuracy']:.3f} | {row['mean_confidence']:.3f} | "
                 f"{'—' if risk is None else f'{risk:.3f}'} | {row['certified_rule']['coverage']:.3f} | {row['novelty_share']:.3f} | "
+                f"{_share(row.get('novelty_share_image'))} | "
                 + " | ".join(f"{w[str(s)]['alarm_rate']:.2f}" for s in sizes)
                 + f" | {w[str(sizes[-1])]['kl_ks_embedding_alarm_rate']:.2f} | {'—' if rem is None else f'{rem:.3f}'} | "
                 f"{w[str(sizes[-1])]['certified_share']:.3f} |")

@@ -35,6 +35,7 @@ class ShiftRow(LooseModel):
     mean_confidence: float
     certified_rule: RiskAtRule
     novelty_share: float
+    novelty_share_image: float | None = None  # novel by the image statistics (reports before them: None)
     windows: dict[str, ShiftWindow]
 
 
@@ -70,7 +71,7 @@ class ShiftReport:
                 entry: dict[str, Any] = {
                     "model": model, "shift": shift, "n": row.n, "accuracy": row.accuracy,
                     "certified_risk": row.certified_rule.realised_risk, "certified_coverage": row.certified_rule.coverage,
-                    "novelty_routed_share": row.novelty_share,
+                    "novelty_routed_share": row.novelty_share, "image_novel_share": row.novelty_share_image,
                 }
                 for size in report.window_sizes:
                     window = row.windows.get(str(size))

@@ -170,7 +170,7 @@ def refresh_family(
 
     _stage(progress, next(stage), family, "gate bundle, drift checks and live run")
     gate_dir = catalog.gate_dir(family, check=False)
-    shutil.rmtree(gate_dir, ignore_errors=True)
+    clear_gate_bundle(gate_dir)
     build = build_gate_from_run(run_dirs["adversarial"], gate_dir, risk_target=0.1, delta=0.1,
                                 model_path=str(model_dir))
     components = build.components()  # the bundle just written, in memory: no second parse of gate.yaml
@@ -216,7 +216,7 @@ def refresh_family_gate(
     units = len(GATE_STAGES) * STAGE_UNITS
     report(progress, 0, units, f"[{family}] gate bundle")
     gate_dir = catalog.gate_dir(family, check=False)
-    shutil.rmtree(gate_dir, ignore_errors=True)
+    clear_gate_bundle(gate_dir)
     build = build_gate_from_run(adversarial, gate_dir, risk_target=0.1, delta=0.1, model_path=str(model_dir))
     components = build.components()
     log(f"[{family}] gate bundle written")
@@ -231,6 +231,20 @@ def refresh_family_gate(
     log(f"[{family}] live gate run written")
     report(progress, units, units, f"[{family}] done")
     return json.loads(json.dumps({"gate": build.report, "drift": drift, "live": live}, default=str))
+
+
+GATE_FILES: tuple[str, ...] = ("gate.yaml", "probe", "calibration.json", "report.json", "novelty", "drift.json",
+                               "live_run.json")
+
+
+def clear_gate_bundle(gate_dir: Path) -> None:
+    """Remove what a refresh rewrites, and nothing else: other tools keep their own files in the bundle folder."""
+    for name in GATE_FILES:
+        path = Path(gate_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def refresh_gates(
