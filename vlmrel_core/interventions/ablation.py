@@ -53,6 +53,11 @@ def _intervention_active(owner: object) -> bool:
     return owner in _ACTIVE_INTERVENTIONS.get()
 
 
+#: For other interventions' per-call hooks (`live_fast.record_prefill`): the same thread-scoped owner set.
+activate_intervention = _activate_intervention
+intervention_active = _intervention_active
+
+
 # ------------------------------------------------------------------------------------------ dimension ablation
 
 

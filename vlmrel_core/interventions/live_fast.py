@@ -33,7 +33,7 @@ from PIL import Image
 
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS
 from vlmrel_core.engine.layers import resolve_layers
-from vlmrel_core.interventions.ablation import _activate_intervention, _intervention_active
+from vlmrel_core.interventions.ablation import activate_intervention, intervention_active
 from vlmrel_core.interventions.masking import GREY, cell_edges, grey_cells
 from vlmrel_core.signals.output import output_signals
 from vlmrel_core.validation.images import load_image
@@ -79,7 +79,7 @@ def record_prefill(loaded: Any, kept: KeptBatch, keep_outputs: bool) -> Iterator
 
     def hook_for(index: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-            if not _intervention_active(owner) or index in kept.layer_kwargs:
+            if not intervention_active(owner) or index in kept.layer_kwargs:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             kept.layer_kwargs[index] = {k: v for k, v in kwargs.items() if k not in _DROPPED_LAYER_KWARGS}
@@ -90,7 +90,7 @@ def record_prefill(loaded: Any, kept: KeptBatch, keep_outputs: bool) -> Iterator
 
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        with _activate_intervention(owner):
+        with activate_intervention(owner):
             yield
     finally:
         for handle in handles:
