@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from vlmrel_core.engine.capture import TokenLayout, capture
-from vlmrel_core.engine.layers import POOLINGS
+    from vlmrel_core.engine.layers import POOLINGS
     from vlmrel_core.data.shapes import make_scene, render_scene
     from vlmrel_core.engine.loading import load_vlm
 

@@ -27,6 +27,19 @@ def test_refusals(text, message):
         validate_question(text)
 
 
+def test_refused_characters_are_exactly_surrogates_and_controls_other_than_tab_and_newlines():
+    """The one-regex scan refuses the same characters as a per-character Unicode category check would."""
+    import unicodedata
+
+    from vlmrel_core.validation.questions import _REFUSED_CHARS
+
+    expected = {c for c in range(0x110000)
+                if unicodedata.category(chr(c)) == "Cs" or (unicodedata.category(chr(c)) == "Cc" and chr(c) not in "\t\n\r")}
+    assert {c for c in range(0x110000) if _REFUSED_CHARS.match(chr(c))} == expected
+    with pytest.raises(InputError, match="control character '\\\\x07' at position 3"):
+        validate_question("abc\x07def\x00")
+
+
 def test_accepted_questions_are_stripped():
     assert validate_question("  is there a cat?\n") == "is there a cat?"
     assert validate_question("il y a un chat ? 🐱\tok".encode()) == "il y a un chat ? 🐱\tok"

@@ -56,9 +56,9 @@ class TokenLayout:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        last_index = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
-        if (last_index < 0).any():
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_index = torch.where(mask, positions, -1).amax(dim=1)
+        if bool((last_index < 0).any()):
             raise ValueError("a sample in the batch has no real tokens (attention mask all zero)")
         return cls(attention_mask=mask, image_mask=(input_ids == image_token_id) & mask, last_index=last_index)
 
@@ -91,25 +91,22 @@ def _pooling_weights(layout: TokenLayout, poolings: Sequence[str], device: torch
 
     Why one matrix: every pooling of a layer becomes ONE batched matmul instead of a mask/sum/divide per pooling,
     built once per call instead of once per layer (the per-op overhead dominated batch-1 capture)."""
-    masks = []
-    b, s = layout.attention_mask.shape
+    real = layout.attention_mask.cpu()
+    image = layout.image_mask.cpu()
+    rows = []
     for pooling in poolings:
         if pooling == "last_token":
-            mask = torch.zeros(b, s, dtype=torch.bool)
-            mask[torch.arange(b), layout.last_index.cpu()] = True
+            rows.append(torch.arange(real.shape[1]) == layout.last_index.cpu()[:, None])
         elif pooling == "mean_all":
-            mask = layout.attention_mask.cpu()
+            rows.append(real)
         elif pooling == "mean_image":
-            mask = layout.image_mask.cpu()
+            rows.append(image)
         elif pooling == "mean_text":
-            mask = (layout.attention_mask & ~layout.image_mask).cpu()
+            rows.append(real & ~image)
         else:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-        weights = mask.float()
-        masks.append(weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0))
-    return torch.stack(masks, dim=1).to(device)
-
-
+    weights = torch.stack(rows, dim=1).float()  # one normalisation for every pooling (elementwise: the same values)
+    return (weights / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(device)
 
 
 _EAGER_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

@@ -75,7 +75,9 @@ def _as_rgb(image: Any) -> Image.Image:
     raise TypeError(f"expected a PIL image, got {type(image).__name__}")
 
 
-def _logit_lens(loaded: LoadedVLM, last_token_states: torch.Tensor, answer_tokens: AnswerTokens) -> np.ndarray:
+def _logit_lens(
+    loaded: LoadedVLM, last_token_states: torch.Tensor, answer_tokens: AnswerTokens, softcap: float | None
+) -> np.ndarray:
     """Yes-vs-no log-odds per layer: final norm then unembedding on each layer's (pre-norm) last-token state."""
     norm = loaded.adapter.final_norm(loaded.model)
     head = loaded.adapter.unembedding(loaded.model)
@@ -83,16 +85,26 @@ def _logit_lens(loaded: LoadedVLM, last_token_states: torch.Tensor, answer_token
     param = next(head.parameters())
     with torch.no_grad():
         flat = last_token_states.reshape(b * n_layers, d).to(param.device, param.dtype)
-        logits = head(norm(flat)).float()
-        logits = _final_logit_transform(loaded, logits)
-        yes = torch.logsumexp(logits[:, list(answer_tokens.yes_ids)], dim=-1)
-        no = torch.logsumexp(logits[:, list(answer_tokens.no_ids)], dim=-1)
+        logits = _soft_capped(head(norm(flat)).float(), softcap)
+        yes, no = _answer_logsumexps(logits, answer_tokens)
     return (yes - no).reshape(b, n_layers).cpu().numpy()
 
 
-def _final_logit_transform(loaded: LoadedVLM, logits: torch.Tensor) -> torch.Tensor:
+def _answer_logsumexps(logits: torch.Tensor, answer_tokens: AnswerTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp of the yes columns and of the no columns (index_select: the same values as a list index, without
+    building an index tensor from a Python list per call)."""
+    yes_ids = torch.tensor(answer_tokens.yes_ids, device=logits.device)
+    no_ids = torch.tensor(answer_tokens.no_ids, device=logits.device)
+    return torch.logsumexp(logits.index_select(-1, yes_ids), dim=-1), torch.logsumexp(logits.index_select(-1, no_ids), dim=-1)
+
+
+def _final_logit_softcap(loaded: LoadedVLM) -> float | None:
+    """The text config's final logit soft-cap (read once per batch: `get_text_config` costs ~15 us a call)."""
+    return getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def _soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma-2-style final logit soft-capping, when the text config asks for it."""
-    cap = getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
@@ -152,12 +164,14 @@ def run_batch(
     new_tokens = generated.sequences[:, prompt_length:]
     with loaded.processor_lock:
         answer_text = [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    step_logits = torch.stack([_final_logit_transform(loaded, l.float()) for l in generated.logits], dim=1)  # (b, T, V)
+    softcap = _final_logit_softcap(loaded)
+    step_logits = _soft_capped(torch.stack([l.float() for l in generated.logits], dim=1), softcap)  # (b, T, V)
     answer_logits = step_logits[:, 0].cpu().numpy()
     output = output_signals(answer_logits, answer_tokens.yes_ids, answer_tokens.no_ids)
     output["mean_token_logprob"] = _mean_token_logprob(step_logits, new_tokens, loaded.tokenizer)
-    lens = _logit_lens(loaded, captured.states["last_token"], answer_tokens) if logit_lens and "last_token" in poolings else None
-    grids = [_image_grid_or_none(adapter, model, inputs, i, n) for i, n in enumerate(layout.image_token_counts)]
+    lens = _logit_lens(loaded, captured.states["last_token"], answer_tokens, softcap) if logit_lens and "last_token" in poolings else None
+    image_token_counts = layout.image_token_counts
+    grids = [_image_grid_or_none(adapter, model, inputs, i, n) for i, n in enumerate(image_token_counts)]
     t3 = time.perf_counter()
     return BatchRecord(
         answer_text=answer_text,
@@ -168,7 +182,7 @@ def run_batch(
         layers=captured.layers,
         lens_logodds=lens,
         attentions=captured.attentions,
-        image_token_counts=layout.image_token_counts,
+        image_token_counts=image_token_counts,
         image_grids=grids,
         timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "postprocess_s": t3 - t2},
         n_forward_calls=captured.n_forward_calls,

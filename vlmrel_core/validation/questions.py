@@ -7,6 +7,7 @@ model on a truncated prompt, and the literal text ``<image>`` in a question was 
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
@@ -17,6 +18,9 @@ DEFAULT_MAX_QUESTION_TOKENS = 256
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 # U+2060 WORD JOINER: invisible, not a special token anywhere, and breaks the exact match of an added token.
 _JOINER = "\u2060"
+# Surrogates (category Cs: undecodable bytes) and the control characters (category Cc: U+0000-U+001F and
+# U+007F-U+009F, fixed by Unicode) other than tab and newlines: the characters a question may not contain.
+_REFUSED_CHARS = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def validate_question(text: str | bytes, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -28,12 +32,12 @@ def validate_question(text: str | bytes, max_chars: int = MAX_QUESTION_CHARS) ->
             raise InputError(f"the question is not valid UTF-8 text (byte {err.start})") from None
     if not isinstance(text, str):
         raise InputError(f"the question must be text, got {type(text).__name__}")
-    for position, char in enumerate(text):
-        category = unicodedata.category(char)
-        if category == "Cs":
+    refused = _REFUSED_CHARS.search(text)  # one regex scan: a per-character category lookup cost ~0.1 ms a question
+    if refused is not None:
+        position, char = refused.start(), refused.group()
+        if unicodedata.category(char) == "Cs":
             raise InputError(f"the question is not valid UTF-8 text (undecodable byte at character {position})")
-        if category == "Cc" and char not in _ALLOWED_CONTROLS:
-            raise InputError(f"the question contains a control character {ascii(char)} at position {position}")
+        raise InputError(f"the question contains a control character {ascii(char)} at position {position}")
     stripped = text.strip()
     if not stripped:
         raise InputError("the question is empty" if not text else "the question is only whitespace")
