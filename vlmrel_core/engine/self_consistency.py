@@ -28,12 +28,23 @@ from torch import nn
 
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.loading import LoadedVLM
-from vlmrel_core.engine.run import Prefill, _as_rgb
+from vlmrel_core.engine.run import Prefill, _as_rgb, _generated_cache
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer
 
 __all__ = ["SelfConsistencyResult", "ForwardCounter", "count_forward_calls", "item_seed", "sample_answers"]
 
 _SAMPLING_LOCK = threading.Lock()
+
+
+def _cache_kwarg() -> str:
+    """`generate`'s name for a KV cache to continue from: `cache` where transformers renamed it (its outputs carry a
+    `cache` field), `past_key_values` before."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
 
 
 @dataclass
@@ -133,7 +144,7 @@ def _sample_with_shared_prefill(
     if prefill is None:
         first = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
                                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-        first_logits, cache = first.logits[0], first.past_key_values
+        first_logits, cache = first.logits[0], _generated_cache(first)
     else:
         first_logits, cache = prefill.first_logits, prefill.cache
     probs = _first_token_probs(first_logits, config)[0]  # (V,): the one prompt's first-token distribution
@@ -148,7 +159,7 @@ def _sample_with_shared_prefill(
     }
     if "token_type_ids" in inputs:  # PaliGemma: generated tokens are suffix (type 1)
         step_inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"].repeat(k, 1), ones.to(inputs["token_type_ids"].dtype)], dim=1)
-    rest = model.generate(**step_inputs, past_key_values=cache, do_sample=True, temperature=float(config.temperature),
+    rest = model.generate(**step_inputs, **{_CACHE_KWARG: cache}, do_sample=True, temperature=float(config.temperature),
                           top_p=float(config.top_p), top_k=0, max_new_tokens=max_new_tokens - 1,
                           pad_token_id=tokenizer.pad_token_id)
     tokens = rest[:, inputs["input_ids"].shape[1]:]
