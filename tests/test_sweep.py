@@ -50,3 +50,18 @@ def test_sweep_reports_progress_per_probe_and_writes_the_documented_columns(run_
     frame = pd.read_csv(tmp_path / "sweep.csv")
     assert list(frame.columns) == SWEEP_COLUMNS and len(frame) == 3
     assert frame["cv_selected"].sum() == 1 and frame["in_plateau"].dtype == bool
+
+
+def test_the_sweep_holds_one_layer_of_one_pooling_at_a_time(run_dir, monkeypatch):
+    """Memory flat in the width of the cache: every read is one (pooling, layer), never a whole pooling."""
+    reads: list[tuple[str, tuple[int, ...] | None]] = []
+    original = RunReader.states
+
+    def recording(self, pooling, layers=None):
+        reads.append((pooling, None if layers is None else tuple(layers)))
+        return original(self, pooling, layers)
+
+    monkeypatch.setattr(RunReader, "states", recording)
+    sweep_layers(RunReader(run_dir), split=SplitSpec("image"), n_boot=20, c_grid=(1.0,))
+    assert reads and all(layers is not None and len(layers) == 1 for _, layers in reads)
+    assert sorted(set(reads)) == [(p, (l,)) for p in ("last_token", "mean_all") for l in (0, 1, 2)]

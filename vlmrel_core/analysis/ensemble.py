@@ -99,17 +99,16 @@ def fit_ensembles(
     split = resolve_split(reader, split)
     manifest = reader.manifest
     layers = list(manifest.layers)[-k:]
-    states = reader.states(pooling)
+    states = reader.states(pooling, layers)  # the ensemble's layers only
     y_test = labels_of(reader.rows)[split.test]
-    concat = fit_run_probe(reader, pooling, layers, split, seed, c_grid=c_grid, states=states)
-    columns = [manifest.layers.index(l) for l in layers]
-    test_states = states[split.test][:, columns]
+    concat = fit_run_probe(reader, pooling, layers, split, seed, c_grid=c_grid, layer_states=states)
+    test_states = states[split.test]
     concat_scores = concat.score(test_states)
     reuse = sweep is not None and np.array_equal(sweep.split.test, split.test)
     members = [
         sweep.probes[(pooling, l)] if reuse and (pooling, l) in sweep.probes
-        else fit_run_probe(reader, pooling, [l], split, seed, c_grid=c_grid, states=states)
-        for l in layers
+        else fit_run_probe(reader, pooling, [l], split, seed, c_grid=c_grid, layer_states=states[:, i : i + 1])
+        for i, l in enumerate(layers)
     ]
     ensemble = MeanScoreEnsemble(members)
     mean_scores = ensemble.score(test_states)

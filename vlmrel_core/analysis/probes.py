@@ -374,15 +374,22 @@ def fit_run_probe(
     *,
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     states: np.ndarray | None = None,
+    layer_states: np.ndarray | None = None,
 ) -> Probe:
     """A probe on one run's training rows: one layer (single_layer) or several concatenated (concat_layers).
 
-    ``states`` may pass the already-loaded (n, n_layers_extracted, d) array of ``pooling`` to avoid re-reading.
+    To avoid re-reading, ``states`` may pass the already-loaded (n, n_layers_extracted, d) array of ``pooling``, or
+    ``layer_states`` the (n, len(layers), d) array of exactly ``layers`` (what `RunReader.states(pooling, layers)`
+    returns: the way to keep one layer in memory at a time).
     """
     split = resolve_split(reader, split)
     manifest = reader.manifest
     layers = list(layers)
-    if states is None:
+    if layer_states is not None:
+        if layer_states.shape[1] != len(layers):
+            raise ValueError(f"layer_states holds {layer_states.shape[1]} layers, {len(layers)} asked")
+        X = layer_states
+    elif states is None:
         X = reader.states(pooling, layers)
     else:
         X = states[:, [manifest.layers.index(l) for l in layers]]
@@ -414,9 +421,8 @@ def select_layer_probe(
     split = resolve_split(reader, split)
     best: Probe | None = None
     for pooling in poolings if poolings is not None else reader.manifest.poolings:
-        states = reader.states(pooling)
-        for layer in reader.manifest.layers:
-            probe = fit_run_probe(reader, pooling, [layer], split, seed, c_grid=c_grid, states=states)
+        for layer in reader.manifest.layers:  # one layer in memory at a time
+            probe = fit_run_probe(reader, pooling, [layer], split, seed, c_grid=c_grid)
             score = -1.0 if probe.info.cv_auroc is None else probe.info.cv_auroc
             if best is None or score >= (-1.0 if best.info.cv_auroc is None else best.info.cv_auroc):
                 best = probe

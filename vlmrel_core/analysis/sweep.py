@@ -144,7 +144,7 @@ def sweep_layers(
     """Fit one probe per (pooling, layer) on the training rows and score the held-out rows.
 
     ``poolings`` / ``layers`` default to everything the run extracted; ``split`` defaults to an image-grouped
-    SplitSpec(). Memory: one pooling's (n, n_layers, d) float32 states at a time. ``progress`` gets one step per
+    SplitSpec(). Memory: one layer of one pooling, (n, 1, d) float32, at a time. ``progress`` gets one step per
     fitted probe, with stage "layer i/n <pooling>".
     """
     split = resolve_split(reader, split)
@@ -159,10 +159,10 @@ def sweep_layers(
     total = len(poolings) * len(layers)
     report(progress, 0, total, "loading states")
     for p_index, pooling in enumerate(poolings):
-        states = reader.states(pooling)
         for l_index, layer in enumerate(layers):
-            probe = fit_run_probe(reader, pooling, [layer], split, seed, c_grid=c_grid, states=states)
-            test_score = probe.score(states[split.test, manifest.layers.index(layer)])
+            layer_states = reader.states(pooling, [layer])  # one layer in memory at a time, never the whole cache
+            probe = fit_run_probe(reader, pooling, [layer], split, seed, c_grid=c_grid, layer_states=layer_states)
+            test_score = probe.score(layer_states[split.test, 0])
             estimate = auroc_ci(y_test, test_score, n_boot=n_boot, seed=seed)
             probe.info.metrics.update({"test_auroc": estimate.to_dict(), "n_test": int(split.test.size)})
             cv = probe.info.cv_auroc

@@ -79,14 +79,13 @@ def fit_layer_probes(
     if not spec:
         raise LayerProbeError("the gate's probe records no split; cannot fit the other layers on its training rows")
     split = make_split(reader.rows, SplitSpec.from_dict(spec))
-    states = reader.states(info.pooling)
     gate_layer = info.layers[0]
     probes: dict[int, Probe] = {}
     layers = list(manifest.layers)
     for done, layer in enumerate(layers):
         report(progress, done, len(layers), f"probe for layer {layer}")
         probes[layer] = gate_probe if layer == gate_layer else fit_run_probe(
-            reader, info.pooling, [layer], split, seed, c_grid=(info.C,), states=states)
+            reader, info.pooling, [layer], split, seed, c_grid=(info.C,))  # one layer read at a time
     report(progress, len(layers), len(layers), "layer probes ready")
     return LayerProbes(probes, gate_layer, info.pooling, str(run_dir))
 
