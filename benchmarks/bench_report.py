@@ -3,7 +3,8 @@ processes (``n_jobs=2``), measured side by side in one run, with identical numbe
 
 Prints, per setting and round: wall seconds, seconds per probe fit (a `fit_probe` call: grouped 5-fold CV over the
 C grid, then the refit; counted in the ``n_jobs=1`` build) and the ratio n_jobs=1 / n_jobs=2, plus the machine's
-load (the CPU is shared: only the ratio of interleaved rounds means anything). Target on 2 cores: the README's
+load (the CPU is shared: only the ratio of interleaved rounds means anything), and the CPU seconds of all
+processes (workers included: the work split, not the wall time, is what a busy machine can show). Target on 2 cores: the README's
 report (the shipped random + adversarial caches, `--full`) in <= 60 s.
 
     python benchmarks/bench_report.py                 # shipped late_fusion/random, n_boot 200, 5 permutations (~1 min)
@@ -14,9 +15,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 from contextlib import contextmanager
 from typing import Iterator
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def stop_workers() -> None:
+    """Shut joblib's reusable worker pool down, so their CPU time is counted and the next build starts them anew."""
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
 
 
 @contextmanager
@@ -65,13 +80,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for n_jobs in (1, args.n_jobs):
             with counted_fits() as count:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), cpu_seconds()
                 report = build_report(runs, n_jobs=n_jobs, **options)
                 times[n_jobs].append(time.perf_counter() - started)
+                stop_workers()
+                cpu = cpu_seconds() - cpu
             if n_jobs == 1:
                 n_fits = count[0]
             tables[n_jobs] = (report.table7, report.transfer, report.sweeps)
-            print(f"  n_jobs={n_jobs}: {times[n_jobs][-1]:6.1f} s   load {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"  n_jobs={n_jobs}: {times[n_jobs][-1]:6.1f} s wall, {cpu:6.1f} CPU s (all processes)   "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     same = all(a.equals(b) for a, b in zip(tables[1], tables[args.n_jobs]))  # type: ignore[arg-type]
     serial, parallel = min(times[1]), min(times[args.n_jobs])
     print(f"probe fits (fit_probe calls): {n_fits}")
