@@ -1,6 +1,7 @@
 import argparse
 import json
 
+import pandas as pd
 import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
@@ -9,6 +10,7 @@ from report_fixtures import GRID, OPTIONS, report, runs  # noqa: F401 (pytest fi
 from synthetic_runs import make_run
 from vlmrel_core.analysis.report import build_report
 from vlmrel_core.analysis.splits import SplitSpec, make_split
+from vlmrel_core.analysis.sweep import sweep_layers
 from vlmrel_core.analysis.transfer import transfer_across_runs
 from vlmrel_core.cli import analysis as cli_analysis
 from vlmrel_core.engine.store import RunReader
@@ -124,3 +126,33 @@ def test_cli_sweep_and_report(tmp_path, capsys):
     assert not (tmp_path / "rep" / "probes").exists()
     with pytest.raises(SystemExit):
         parser.parse_args(["report", str(run)])  # --out is required
+
+
+def test_report_numbers_do_not_depend_on_n_jobs(runs):
+    """Worker processes run the same seeded tasks: every table equals the in-process build's, bit for bit."""
+    options = {**OPTIONS, "n_boot": 60, "n_permutations": 3}
+    serial = build_report(list(runs), **options, n_jobs=1)
+    calls = []
+    parallel = build_report(list(runs), **options, n_jobs=2,
+                            progress=lambda done, total, stage: calls.append((done, total, stage)))
+    for frame in ("table7", "transfer", "sweeps", "gains", "layer_signals"):
+        pd.testing.assert_frame_equal(getattr(serial, frame), getattr(parallel, frame), check_exact=True)
+    assert len(serial.transfer) == 2 + 4  # both directions across runs, two image ranges per run
+    assert [c.sentence for c in serial.claims] == [c.sentence for c in parallel.claims]
+    assert serial.settings == parallel.settings
+    assert calls[-1] == (1000, 1000, "done") and [c[0] for c in calls] == sorted(c[0] for c in calls)
+
+
+def test_in_domain_transfer_probe_is_the_sweep_probe_only_when_fitted_on_the_same_rows(runs):
+    adversarial, random = RunReader(runs[0]), RunReader(runs[1])
+    split = make_split(adversarial.rows, SplitSpec("image"))
+    sweep = sweep_layers(adversarial, None, split, n_boot=50, c_grid=GRID)
+    probe = sweep.probes[("last_token", 2)]
+    kwargs = dict(source_name="random", target_name="adversarial", n_boot=50, c_grid=GRID)
+    refit = transfer_across_runs(random, adversarial, "last_token", 2, **kwargs)
+    reused = transfer_across_runs(random, adversarial, "last_token", 2, in_domain_probe=probe, **kwargs)
+    assert reused == refit
+    # a probe of other rows (another layer) is not taken for the in-domain probe: the refit happens
+    wrong = transfer_across_runs(random, adversarial, "last_token", 2, in_domain_probe=sweep.probes[("last_token", 0)],
+                                 **kwargs)
+    assert wrong == refit

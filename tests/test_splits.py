@@ -133,3 +133,23 @@ def test_grouped_folds_reduce_k_to_the_number_of_groups_and_refuse_one_group():
         assert len(set(groups[validation])) == 1 and not set(groups[fit]) & set(groups[validation])
     with pytest.raises(SplitError, match="at least 2 groups"):
         grouped_folds(np.array([0, 1, 0, 1]), np.array(["a"] * 4), n_folds=5, seed=0)
+
+
+def test_grouped_folds_are_cached_read_only_and_equal_a_fresh_split():
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from vlmrel_core.analysis import splits as splits_module
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 120)
+    groups = np.repeat(np.arange(30), 4).astype(str)
+    first = splits_module.grouped_folds(y, groups, 5, 7)
+    again = splits_module.grouped_folds(y.copy(), groups.copy(), 5, 7)
+    fresh = list(StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=7).split(np.zeros(120), y, groups))
+    assert len(first) == len(fresh) == 5
+    for (tr, va), (tr2, va2), (tr3, va3) in zip(first, again, fresh):
+        np.testing.assert_array_equal(tr, tr3)
+        np.testing.assert_array_equal(va, va3)
+        assert tr is tr2 and not tr.flags.writeable  # served from the cache, and nobody can edit the cached folds
+    other = splits_module.grouped_folds(y, groups, 5, 8)  # another seed: other folds, not the cached ones
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other))

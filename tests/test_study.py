@@ -95,3 +95,39 @@ def test_evaluate_accuracy_and_study_on_both_tiny_models(tiny_loaded, tiny_datas
     assert ((table["ci_low_pp"] <= table["delta_pp"]) & (table["delta_pp"] <= table["ci_high_pp"])).all()
     wide = study.side_by_side(table)
     assert list(wide.columns)[-2:] == ["late_fusion", "early_fusion"] and len(wide) == len(table) // 2
+
+
+def test_shared_baseline_equals_a_fresh_baseline_per_condition(tiny_loaded, tiny_dataset):
+    """The study pairs every condition with one unablated pass (given or its own); the numbers equal pairing each
+    condition with a baseline run just for it, the way a per-condition script would."""
+    samples = load_vqa_jsonl(tiny_dataset)[:6]
+    images = [s.load_image() for s in samples]
+    late = tiny_loaded["late_fusion"]
+    weights = np.zeros(128)
+    weights[[9, 3, 40]] = [2.0, -1.0, 0.5]
+    options = dict(ks=(2,), modes=("zero",), random_fraction=0.5, mask_fraction=0.3, n_boot=50, seed=3,
+                   batch_size=4, images=images)
+    own = study.run_ablation_study(late, samples, -1, weights, **options)
+    shared = study.ablation_baseline(late, samples, -1, images, attentions=True, batch_size=4)
+    given = study.run_ablation_study(late, samples, -1, weights, baselines={"model": shared}, **options)
+    pd.testing.assert_frame_equal(own, given)
+
+    types = [study._question_type(s) for s in samples]
+    top = ablation.top_k_dimensions(weights, 2)
+    fraction = ablation.random_dimensions(128, fraction=0.5, seed=3 + 104729)
+    for salt, (condition, dims) in enumerate([("top_k", top), ("random_k", None), ("random_fraction", fraction)]):
+        if dims is None:
+            dims = ablation.random_dimensions(128, k=2, seed=3 + 1, exclude=top)
+        fresh_base = study.evaluate_accuracy(late, samples, images=images, batch_size=4)
+        ablated = study.evaluate_accuracy(late, samples, ablation.DimensionAblation(3, tuple(int(d) for d in dims)),
+                                          images=images, batch_size=4)
+        expected = study.ablation_effect(fresh_base, ablated, types, n_boot=50, seed=3 * 1_000_003 + salt)
+        rows = own[own["condition"] == condition].reset_index(drop=True)[list(expected.columns)]
+        pd.testing.assert_frame_equal(rows, expected)
+
+    with pytest.raises(ValueError, match="attention maps"):
+        no_maps = study.ablation_baseline(late, samples, -1, images, attentions=False, batch_size=4)
+        study.run_ablation_study(late, samples, -1, weights, baselines={"model": no_maps}, **options)
+    with pytest.raises(ValueError, match="questions"):
+        study.run_ablation_study(late, samples[:4], -1, weights, baselines={"model": shared},
+                                 **{**options, "images": images[:4]})

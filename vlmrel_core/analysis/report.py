@@ -35,8 +35,9 @@ from vlmrel_core.analysis.probes import DEFAULT_C_GRID
 from vlmrel_core.analysis.splits import GROUPINGS, SplitError, SplitSpec, make_split
 from vlmrel_core.analysis.sweep import LayerSweep, sweep_layers
 from vlmrel_core.analysis.tables import format_estimate, row_estimate
-from vlmrel_core.analysis.transfer import TransferResult, transfer_across_runs, transfer_image_ranges
-from vlmrel_core.engine.store import CacheError, RunReader
+from vlmrel_core.analysis.transfer import TransferResult, TransferRun, run_transfer_task, transfer_tasks
+from vlmrel_core.analysis.parallel import resolve_n_jobs, run_tasks
+from vlmrel_core.engine.store import RunReader
 from vlmrel_core.progress import Progress, report as report_progress, scaled
 
 
@@ -155,27 +156,32 @@ def _orientation_of(signal: ScoredSignal) -> str:
 
 
 
-def build_run_report(
-    run_dir: str | Path,
-    *,
-    seed: int = 0,
-    n_boot: int = 1000,
-    test_fraction: float = 0.3,
-    poolings: Sequence[str] | None = None,
-    ensemble_k: int = 5,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-    groupings: Sequence[str] = GROUPINGS,
-    n_permutations: int = N_PERMUTATIONS,
-    progress: Progress | None = None,
-) -> RunReport:
-    """Sweep, ensembles, controls, raw signals and per-layer signals for one run, on image- and item-grouped splits.
+@dataclass
+class _RunInputs:
+    """What every grouping of one run shares: its name, splits and attention features (computed once per run)."""
 
-    ``progress`` runs 0..1000 over the run; stages name the grouping and step ("image: layer 3/8 last_token",
-    "image: ensembles", "image: controls", "image: signals").
-    """
+    run_dir: str
+    name: str
+    manifest: dict[str, Any]
+    n: int
+    accuracy: float
+    splits: dict[str, Any]
+    attention: dict[str, tuple[dict[str, np.ndarray] | None, str]]
+    notes: list[str]
+
+
+@dataclass
+class _GroupingResult:
+    sweep: LayerSweep
+    ensemble: EnsembleResult
+    suite: ControlSuite
+    rows: list[dict[str, Any]]
+    layer_table: pd.DataFrame | None
+
+
+def _run_inputs(run_dir: str | Path, test_fraction: float, seed: int, groupings: Sequence[str]) -> _RunInputs:
     reader = RunReader(run_dir)
     rows = reader.rows
-    name = run_name(reader)
     notes: list[str] = []
     splits = {}
     for grouping in groupings:
@@ -188,76 +194,135 @@ def build_run_report(
     needed = np.unique(np.concatenate([s.test for s in splits.values()]))
     attention_result = attention_signal_arrays(reader, needed)
     position = {int(r): i for i, r in enumerate(needed)}
-
-    sweeps, ensembles, controls, table, layer_tables = {}, {}, {}, [], []
-    share = 1.0 / len(splits)
-    for g_index, (grouping, split) in enumerate(splits.items()):
-        start = g_index * share
-
-        def step(fraction: float, stage: str, grouping: str = grouping, start: float = start) -> None:
-            report_progress(progress, int(round((start + share * fraction) * 1000)), 1000, f"{grouping}: {stage}")
-
-        sweep_progress = scaled(progress, start, start + 0.6 * share)
-        if sweep_progress is not None:
-            sweep_progress = _prefixed(sweep_progress, f"{grouping}: ")
-        attention, attention_note = None, ""
-        if attention_result is not None:
+    attention: dict[str, tuple[dict[str, np.ndarray] | None, str]] = {}
+    for grouping, split in splits.items():
+        if attention_result is None:
+            attention[grouping] = (None, "")
+        else:
             local = np.array([position[int(r)] for r in split.test])
-            attention = {k: v[local] for k, v in attention_result[0].items()}
-            attention_note = attention_result[1]
-        sweep = sweep_layers(reader, poolings, split, seed=seed, n_boot=n_boot, c_grid=c_grid, progress=sweep_progress)
-        selected = sweep.selected()
-        step(0.6, "ensembles")
-        ensemble = fit_ensembles(reader, selected.pooling, split, ensemble_k, seed, n_boot=n_boot, c_grid=c_grid,
-                                 sweep=sweep)
-        step(0.7, "controls")
-        suite = run_controls(reader, split, sweep.probes[(selected.pooling, selected.layer)], seed=seed,
-                             n_boot=n_boot, c_grid=c_grid, n_permutations=n_permutations)
-        sweeps[grouping], ensembles[grouping], controls[grouping] = sweep, ensemble, suite
-        y_test = rows["correct"].astype(np.int64).to_numpy()[split.test]
-        step(0.9, "signals")
-        for key, signal in raw_signals(reader, split.test, attention, attention_note, n_boot=n_boot, seed=seed):
-            table.append(_signal_row(name, grouping, key, signal, _orientation_of(signal)))
-        best = sweep.best()
-        probe_rows = [
-            ("probe_selected", suite.signals["probe"]),
-            ("probe_best_on_test", evaluate_scores(f"probe ({best.pooling} L{best.layer}), best on test", "probe",
-                            "layer chosen by held-out AUROC", y_test, sweep.test_scores[(best.pooling, best.layer)],
-                            "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed,
-                            note="layer chosen on these test rows: optimistic, descriptive only")),
-            ("probe_concat", evaluate_scores(f"probe ({ensemble.pooling} last {len(ensemble.layers)} layers concatenated)", "probe",
-                            "one probe on the concatenated states", y_test, ensemble.concat_test_scores,
-                            "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed, C=ensemble.concat.info.C)),
-            ("probe_mean_score", evaluate_scores(f"probe ({ensemble.pooling} last {len(ensemble.layers)} layers, mean score)", "probe",
-                            "mean of the per-layer probes' P(correct)", y_test, ensemble.mean_score_test_scores,
-                            "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed)),
-        ]
-        for key, signal in probe_rows:
-            table.append(_signal_row(name, grouping, key, signal, FITTED))
-        for key in ("answer_only", "item_control", "shuffled_label_probe", "no_model", "output_model", "fusion"):
-            table.append(_signal_row(name, grouping, key, suite.signals[key], FITTED))
-        if grouping == "image" or "image" not in splits:
-            layer_tables.append(layer_signal_table(reader, split.test, attention, attention_note, sweep,
-                                                   n_boot=n_boot, seed=seed).assign(run=name, grouping=grouping))
-        step(1.0, "done")
+            attention[grouping] = ({k: v[local] for k, v in attention_result[0].items()}, attention_result[1])
     manifest = reader.manifest
-    return RunReport(
-        name=name,
-        run_dir=str(run_dir),
+    return _RunInputs(
+        run_dir=str(run_dir), name=run_name(reader),
         manifest={"model_source": manifest.model_source, "model_fingerprint": manifest.model_fingerprint,
                   "family": manifest.family, "fusion": manifest.fusion, "n_layers": manifest.n_layers,
                   "hidden_size": manifest.hidden_size, "dataset_path": manifest.dataset_path,
                   "dataset_hash": manifest.dataset_hash, "answer_tokens": manifest.answer_tokens},
-        n=len(rows),
-        accuracy=float(rows["correct"].mean()),
-        sweeps=sweeps,
-        ensembles=ensembles,
-        controls=controls,
-        table7=pd.DataFrame(table),
-        layer_signals=pd.concat(layer_tables, ignore_index=True) if layer_tables else pd.DataFrame(),
-        claim=make_claim(name, controls),
-        notes=notes,
+        n=len(rows), accuracy=float(rows["correct"].mean()), splits=splits, attention=attention, notes=notes,
     )
+
+
+def _grouping_report(
+    run: RunReader | str, name: str, grouping: str, split: Any, attention: dict[str, np.ndarray] | None,
+    attention_note: str, with_layer_table: bool, options: dict[str, Any], progress: Progress | None = None,
+) -> _GroupingResult:
+    """Sweep, ensembles, controls and Table-7 rows of one run on one split (a task of its own: no shared state).
+
+    ``progress`` runs 0..1000 over this grouping.
+    """
+    reader = run if isinstance(run, RunReader) else RunReader(run)
+    seed, n_boot, c_grid = options["seed"], options["n_boot"], options["c_grid"]
+
+    def step(fraction: float, stage: str) -> None:
+        report_progress(progress, int(round(fraction * 1000)), 1000, stage)
+
+    sweep = sweep_layers(reader, options["poolings"], split, seed=seed, n_boot=n_boot, c_grid=c_grid,
+                         progress=scaled(progress, 0.0, 0.6))
+    selected = sweep.selected()
+    step(0.6, "ensembles")
+    ensemble = fit_ensembles(reader, selected.pooling, split, options["ensemble_k"], seed, n_boot=n_boot,
+                             c_grid=c_grid, sweep=sweep)
+    step(0.7, "controls")
+    suite = run_controls(reader, split, sweep.probes[(selected.pooling, selected.layer)], seed=seed,
+                         n_boot=n_boot, c_grid=c_grid, n_permutations=options["n_permutations"])
+    y_test = reader.rows["correct"].astype(np.int64).to_numpy()[split.test]
+    step(0.9, "signals")
+    table = []
+    for key, signal in raw_signals(reader, split.test, attention, attention_note, n_boot=n_boot, seed=seed):
+        table.append(_signal_row(name, grouping, key, signal, _orientation_of(signal)))
+    best = sweep.best()
+    probe_rows = [
+        ("probe_selected", suite.signals["probe"]),
+        ("probe_best_on_test", evaluate_scores(f"probe ({best.pooling} L{best.layer}), best on test", "probe",
+                        "layer chosen by held-out AUROC", y_test, sweep.test_scores[(best.pooling, best.layer)],
+                        "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed,
+                        note="layer chosen on these test rows: optimistic, descriptive only")),
+        ("probe_concat", evaluate_scores(f"probe ({ensemble.pooling} last {len(ensemble.layers)} layers concatenated)", "probe",
+                        "one probe on the concatenated states", y_test, ensemble.concat_test_scores,
+                        "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed, C=ensemble.concat.info.C)),
+        ("probe_mean_score", evaluate_scores(f"probe ({ensemble.pooling} last {len(ensemble.layers)} layers, mean score)", "probe",
+                        "mean of the per-layer probes' P(correct)", y_test, ensemble.mean_score_test_scores,
+                        "1× (same pass, 0 extra)", n_boot=n_boot, seed=seed)),
+    ]
+    for key, signal in probe_rows:
+        table.append(_signal_row(name, grouping, key, signal, FITTED))
+    for key in ("answer_only", "item_control", "shuffled_label_probe", "no_model", "output_model", "fusion"):
+        table.append(_signal_row(name, grouping, key, suite.signals[key], FITTED))
+    layer_table = None
+    if with_layer_table:
+        layer_table = layer_signal_table(reader, split.test, attention, attention_note, sweep,
+                                         n_boot=n_boot, seed=seed).assign(run=name, grouping=grouping)
+    step(1.0, "done")
+    return _GroupingResult(sweep, ensemble, suite, table, layer_table)
+
+
+def _grouping_tasks(inputs: _RunInputs, options: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One `_grouping_report` argument tuple per split; the per-layer table on the image split (else the first)."""
+    return [
+        (inputs.run_dir, inputs.name, grouping, split, *inputs.attention[grouping],
+         grouping == "image" or "image" not in inputs.splits, options)
+        for grouping, split in inputs.splits.items()
+    ]
+
+
+def _assemble(inputs: _RunInputs, results: Sequence[_GroupingResult]) -> RunReport:
+    groupings = list(inputs.splits)
+    sweeps = {g: r.sweep for g, r in zip(groupings, results)}
+    controls = {g: r.suite for g, r in zip(groupings, results)}
+    layer_tables = [r.layer_table for r in results if r.layer_table is not None]
+    return RunReport(
+        name=inputs.name, run_dir=inputs.run_dir, manifest=inputs.manifest, n=inputs.n, accuracy=inputs.accuracy,
+        sweeps=sweeps, ensembles={g: r.ensemble for g, r in zip(groupings, results)}, controls=controls,
+        table7=pd.DataFrame([row for r in results for row in r.rows]),
+        layer_signals=pd.concat(layer_tables, ignore_index=True) if layer_tables else pd.DataFrame(),
+        claim=make_claim(inputs.name, controls), notes=inputs.notes,
+    )
+
+
+def build_run_report(
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_boot: int = 1000,
+    test_fraction: float = 0.3,
+    poolings: Sequence[str] | None = None,
+    ensemble_k: int = 5,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    groupings: Sequence[str] = GROUPINGS,
+    n_permutations: int = N_PERMUTATIONS,
+    n_jobs: int | None = 1,
+    progress: Progress | None = None,
+) -> RunReport:
+    """Sweep, ensembles, controls, raw signals and per-layer signals for one run, on image- and item-grouped splits.
+
+    ``n_jobs`` > 1 runs the groupings in worker processes (`parallel.run_tasks`; the numbers do not change).
+    ``progress`` runs 0..1000 over the run; stages name the grouping and step ("image: layer 3/8 last_token",
+    "image: ensembles", "image: controls", "image: signals").
+    """
+    options = dict(seed=seed, n_boot=n_boot, poolings=poolings, ensemble_k=ensemble_k, c_grid=c_grid,
+                   n_permutations=n_permutations)
+    inputs = _run_inputs(run_dir, test_fraction, seed, groupings)
+    tasks = _grouping_tasks(inputs, options)
+    if resolve_n_jobs(n_jobs) > 1 and len(tasks) > 1:
+        return _assemble(inputs, run_tasks(_grouping_report, tasks, n_jobs, progress=scaled(progress, 0.0, 1.0),
+                                           stage="groupings"))
+    reader = RunReader(run_dir)
+    share = 1.0 / len(tasks)
+    results = []
+    for g_index, task in enumerate(tasks):
+        sub = scaled(progress, g_index * share, (g_index + 1) * share)
+        results.append(_grouping_report(reader, *task[1:], progress=_prefixed(sub, f"{task[2]}: ") if sub else None))
+    return _assemble(inputs, results)
 
 
 def _prefixed(progress: Progress, prefix: str) -> Progress:
@@ -329,26 +394,44 @@ def build_report(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     transfer: bool = True,
     n_permutations: int = N_PERMUTATIONS,
+    n_jobs: int | None = 1,
     progress: Progress | None = None,
 ) -> Report:
     """The full report for one or several runs (e.g. one model's random / popular / adversarial caches).
 
     Transfer: for every ordered pair of runs of the same model (fingerprint), the source's CV-selected probe
     (pooling, layer on the image split) is trained on the source and tested on the target; and within each run,
-    image-id range A → B and B → A. ``progress`` runs 0..1000: 90% over the runs, 10% over the transfer.
+    image-id range A → B and B → A. The in-domain probe of a pair is the target's sweep probe, not a refit.
+    ``n_jobs`` > 1 (-1: every core) fits over worker processes: each run's attention features, then every
+    (run, grouping), then every transfer pair, heaviest first; the numbers equal ``n_jobs=1``'s.
+    ``progress`` runs 0..1000: 90% over the runs, 10% over the transfer.
     """
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     if not dirs:
         raise ValueError("build_report needs at least one run directory")
     options = dict(seed=seed, n_boot=n_boot, test_fraction=test_fraction, poolings=poolings, ensemble_k=ensemble_k,
                    c_grid=c_grid)
-    runs = []
-    for i, run_dir in enumerate(dirs):
-        run_progress = scaled(progress, 0.9 * i / len(dirs), 0.9 * (i + 1) / len(dirs))
-        if run_progress is not None and len(dirs) > 1:
-            run_progress = _prefixed(run_progress, f"run {i + 1}/{len(dirs)} ")
-        runs.append(build_run_report(run_dir, n_permutations=n_permutations, progress=run_progress,
-                                     **options))  # type: ignore[arg-type]
+    runs: list[RunReport] = []
+    if resolve_n_jobs(n_jobs) > 1:
+        task_options = {**{k: v for k, v in options.items() if k != "test_fraction"}, "n_permutations": n_permutations}
+        sizes = [len(RunReader(d).rows) for d in dirs]
+        inputs = run_tasks(_run_inputs, [(d, test_fraction, seed, GROUPINGS) for d in dirs], n_jobs, cost=sizes,
+                           progress=scaled(progress, 0.0, 0.1), stage="attention features")
+        per_run = [_grouping_tasks(i, task_options) for i in inputs]
+        flat = [task for tasks in per_run for task in tasks]
+        results = run_tasks(_grouping_report, flat, n_jobs, progress=scaled(progress, 0.1, 0.9),
+                            stage="sweeps, ensembles, controls", cost=[n for n, t in zip(sizes, per_run) for _ in t])
+        offset = 0
+        for run_inputs, tasks in zip(inputs, per_run):
+            runs.append(_assemble(run_inputs, results[offset:offset + len(tasks)]))
+            offset += len(tasks)
+    else:
+        for i, run_dir in enumerate(dirs):
+            run_progress = scaled(progress, 0.9 * i / len(dirs), 0.9 * (i + 1) / len(dirs))
+            if run_progress is not None and len(dirs) > 1:
+                run_progress = _prefixed(run_progress, f"run {i + 1}/{len(dirs)} ")
+            runs.append(build_run_report(run_dir, n_permutations=n_permutations, progress=run_progress,
+                                         **options))  # type: ignore[arg-type]
     seen: dict[str, int] = {}
     for run in runs:  # two runs with one name (same model, same split file) stay distinguishable
         seen[run.name] = seen.get(run.name, 0) + 1
@@ -358,31 +441,22 @@ def build_report(
             run.table7 = run.table7.assign(run=run.name)  # the tables carry the run's name too
             if not run.layer_signals.empty:
                 run.layer_signals = run.layer_signals.assign(run=run.name)
-    results: list[TransferResult] = []
+    results_table: list[TransferResult] = []
     notes: list[str] = []
     if transfer:
         report_progress(progress, 900, 1000, "transfer")
-        readers = [RunReader(r.run_dir) for r in runs]
-        for i, source in enumerate(runs):
-            chosen = (source.sweeps.get("image") or next(iter(source.sweeps.values()))).selected()
-            for j, target in enumerate(runs):
-                if i == j or source.manifest["model_fingerprint"] != target.manifest["model_fingerprint"]:
-                    continue
-                try:
-                    results.append(transfer_across_runs(
-                        readers[i], readers[j], chosen.pooling, chosen.layer, source_name=source.name,
-                        target_name=target.name, test_fraction=test_fraction, seed=seed, n_boot=n_boot, c_grid=c_grid))
-                except (ValueError, CacheError) as err:
-                    notes.append(f"transfer {source.name} → {target.name} skipped: {err}")
-            try:
-                results.extend(transfer_image_ranges(readers[i], chosen.pooling, chosen.layer, run_name=source.name,
-                                                     test_fraction=test_fraction, seed=seed, n_boot=n_boot,
-                                                     c_grid=c_grid))
-            except (ValueError, CacheError) as err:
-                notes.append(f"image-range transfer in {source.name} skipped: {err}")
+        tasks = transfer_tasks(
+            [TransferRun(r.name, r.run_dir, r.manifest["model_fingerprint"],
+                         (r.sweeps.get("image") or next(iter(r.sweeps.values()))).selected(), r.sweeps.get("image"))
+             for r in runs],
+            test_fraction=test_fraction, seed=seed, n_boot=n_boot, c_grid=c_grid)
+        for found, note in run_tasks(run_transfer_task, [(t,) for t in tasks], n_jobs, stage="transfer",
+                                     progress=scaled(progress, 0.9, 1.0), cost=[t.cost for t in tasks]):
+            results_table.extend(found)
+            if note:
+                notes.append(note)
     settings = {**options, "c_grid": list(c_grid), "poolings": None if poolings is None else list(poolings),
                 "n_permutations": n_permutations,
                 "run_dirs": [str(d) for d in dirs], "ci": "95% percentile bootstrap"}
     report_progress(progress, 1000, 1000, "done")
-    return Report(runs, pd.DataFrame([r.to_dict() for r in results]), settings, notes)
-
+    return Report(runs, pd.DataFrame([r.to_dict() for r in results_table]), settings, notes)

@@ -10,6 +10,7 @@ Index arrays refer to row positions (0..n-1) of the `RunReader.rows` frame they 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
@@ -203,10 +204,25 @@ def assert_group_disjoint(split: Split, groups: np.ndarray) -> None:
                 raise SplitError(f"{len(shared)} group(s) appear in both {a} and {b}, e.g. {sorted(shared)[:3]}")
 
 
+#: Folds already made, by (labels, groups, K, seed): a sweep fits one probe per layer × pooling on the same training
+#: rows, and StratifiedGroupKFold's fold assignment is a Python loop over groups that cost as much as some fits.
+_FOLD_CACHE: dict[tuple[str, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+_FOLD_CACHE_SIZE = 16
+
+
 def grouped_folds(
     y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified grouped K-fold (K reduced to the number of groups when there are fewer) for choosing C."""
+    """Stratified grouped K-fold (K reduced to the number of groups when there are fewer) for choosing C.
+
+    The folds are a function of (y, groups, n_folds, seed), so repeated calls return the cached (read-only) ones.
+    """
+    y, groups = np.asarray(y), np.asarray(groups)
+    digest = hashlib.sha256(f"{y.dtype.str}|{y.shape}|".encode() + np.ascontiguousarray(y).tobytes())
+    digest.update(b"|" + "\x1f".join(groups.astype(str).tolist()).encode())
+    key = (digest.hexdigest(), int(n_folds), int(seed))
+    if key in _FOLD_CACHE:
+        return list(_FOLD_CACHE[key])
     n_groups = np.unique(groups).size
     if n_groups < 2:
         raise SplitError(f"grouped cross-validation needs at least 2 groups in the training split, found {n_groups}")
@@ -214,7 +230,14 @@ def grouped_folds(
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")
-        return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, groups)]
+        folds = [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, groups)]
+    for tr, va in folds:
+        tr.setflags(write=False)
+        va.setflags(write=False)
+    if len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
+        _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
+    _FOLD_CACHE[key] = folds
+    return list(folds)
 
 
 def range_halves(rows: pd.DataFrame, column: str = "image_id") -> tuple[np.ndarray, np.ndarray, str]:

@@ -12,14 +12,15 @@ seen the test images). For two image-id ranges of one run the ranges are disjoin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from vlmrel_core.analysis.metrics import Estimate, auroc_ci, auroc_gain_ci
-from vlmrel_core.analysis.probes import DEFAULT_C_GRID, fit_probe
+from vlmrel_core.analysis.probes import DEFAULT_C_GRID, Probe, fit_probe, training_data_hash
 from vlmrel_core.analysis.splits import SplitError, group_keys, holdout_indices, labels_of, range_halves
-from vlmrel_core.engine.store import RunReader
+from vlmrel_core.engine.store import CacheError, RunReader
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,24 @@ def transfer_probe(
     target_X: np.ndarray, target_y: np.ndarray, target_groups: np.ndarray,
     *, kind: str, source: str, target: str, pooling: str, layer: int,
     test_fraction: float = 0.3, seed: int = 0, n_boot: int = 1000, c_grid: Sequence[float] = DEFAULT_C_GRID,
+    in_domain_probe: Probe | None = None,
 ) -> TransferResult:
-    """In-domain (target-trained) and transferred (source-trained) probes on the same held-out target rows."""
+    """In-domain (target-trained) and transferred (source-trained) probes on the same held-out target rows.
+
+    ``in_domain_probe`` (e.g. the target's image-split sweep probe at this pooling and layer) is used instead of a
+    refit when it was fitted on exactly the target's training rows (training-data hash), seed and C grid; image
+    keys are the groups of both, so the refit would return the same probe.
+    """
     target_train, target_test = holdout_indices(target_y, target_groups, test_fraction, seed)
     test_groups = set(target_groups[target_test].tolist())
     source_train = np.flatnonzero(~np.isin(source_groups, list(test_groups)))
     if source_train.size == 0:
         raise SplitError(f"every {source} row shares an image with the {target} test rows; nothing to train on")
-    in_domain = fit_probe(target_X[target_train], target_y[target_train], target_groups[target_train], seed, c_grid=c_grid)
+    if _fitted_on(in_domain_probe, target_X[target_train], target_y[target_train], seed, c_grid):
+        in_domain = in_domain_probe
+    else:
+        in_domain = fit_probe(target_X[target_train], target_y[target_train], target_groups[target_train], seed,
+                              c_grid=c_grid)
     transferred = fit_probe(source_X[source_train], source_y[source_train], source_groups[source_train], seed, c_grid=c_grid)
     y_test = target_y[target_test]
     in_scores = in_domain.score(target_X[target_test])
@@ -77,9 +88,15 @@ def transfer_probe(
     )
 
 
+def _fitted_on(probe: Probe | None, X: np.ndarray, y: np.ndarray, seed: int, c_grid: Sequence[float]) -> bool:
+    return (probe is not None and probe.info.seed == seed and probe.info.c_grid == [float(c) for c in c_grid]
+            and probe.info.training_data_hash == training_data_hash(np.asarray(X, dtype=np.float64), y))
+
+
 def transfer_across_runs(
     source: RunReader, target: RunReader, pooling: str, layer: int, *, source_name: str, target_name: str,
     test_fraction: float = 0.3, seed: int = 0, n_boot: int = 1000, c_grid: Sequence[float] = DEFAULT_C_GRID,
+    in_domain_probe: Probe | None = None,
 ) -> TransferResult:
     """Probe trained on one run (e.g. the random split) tested on another run of the same model (e.g. adversarial)."""
     a, b = source.manifest, target.manifest
@@ -89,7 +106,7 @@ def transfer_across_runs(
         source.states(pooling, [layer])[:, 0], labels_of(source.rows), group_keys(source.rows, "image"),
         target.states(pooling, [layer])[:, 0], labels_of(target.rows), group_keys(target.rows, "image"),
         kind="across runs", source=source_name, target=target_name, pooling=pooling, layer=layer,
-        test_fraction=test_fraction, seed=seed, n_boot=n_boot, c_grid=c_grid,
+        test_fraction=test_fraction, seed=seed, n_boot=n_boot, c_grid=c_grid, in_domain_probe=in_domain_probe,
     )
 
 
@@ -115,4 +132,57 @@ def transfer_image_ranges(
     return results
 
 
-__all__ = ["TransferResult", "transfer_probe", "transfer_across_runs", "transfer_image_ranges"]
+@dataclass(frozen=True)
+class TransferRun:
+    """What the transfer table needs of one run's report: where it is, its model, its chosen probe and sweep."""
+
+    name: str
+    run_dir: str | Path
+    model_fingerprint: str
+    chosen: Any  # sweep.LayerResult: the CV-selected (pooling, layer) on the image split
+    image_sweep: Any = None  # sweep.LayerSweep on the image split, whose probes serve as in-domain probes
+
+
+@dataclass(frozen=True)
+class TransferTask:
+    """One entry of the transfer table: a run pair (``target`` set) or one run's image-id ranges."""
+
+    source: TransferRun
+    target: TransferRun | None
+    in_domain_probe: Probe | None
+    options: dict[str, Any]
+    cost: float
+
+
+def transfer_tasks(runs: Sequence[TransferRun], **options: Any) -> list[TransferTask]:
+    """Every ordered pair of runs of one model, then each source's image-id ranges, in the report's order."""
+    tasks = []
+    sizes = {i: float(len(RunReader(r.run_dir).rows)) for i, r in enumerate(runs)}
+    for i, source in enumerate(runs):
+        key = (source.chosen.pooling, source.chosen.layer)
+        for j, target in enumerate(runs):
+            if i == j or source.model_fingerprint != target.model_fingerprint:
+                continue
+            probe = target.image_sweep.probes.get(key) if target.image_sweep is not None else None
+            tasks.append(TransferTask(source, target, probe, options, sizes[i] * (1 if probe is not None else 2)))
+        tasks.append(TransferTask(source, None, None, options, 2 * sizes[i]))
+    return tasks
+
+
+def run_transfer_task(task: TransferTask) -> tuple[list[TransferResult], str]:
+    """(results, note): a skipped pair or range gives no result and a note saying why."""
+    source, target, pooling, layer = task.source, task.target, task.source.chosen.pooling, task.source.chosen.layer
+    try:
+        if target is not None:
+            return [transfer_across_runs(RunReader(source.run_dir), RunReader(target.run_dir), pooling, layer,
+                                         source_name=source.name, target_name=target.name,
+                                         in_domain_probe=task.in_domain_probe, **task.options)], ""
+        return transfer_image_ranges(RunReader(source.run_dir), pooling, layer, run_name=source.name, **task.options), ""
+    except (ValueError, CacheError) as err:
+        if target is not None:
+            return [], f"transfer {source.name} → {target.name} skipped: {err}"
+        return [], f"image-range transfer in {source.name} skipped: {err}"
+
+
+__all__ = ["TransferResult", "TransferRun", "TransferTask", "transfer_probe", "transfer_across_runs",
+           "transfer_image_ranges", "transfer_tasks", "run_transfer_task"]

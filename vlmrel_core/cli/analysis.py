@@ -75,7 +75,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     with tqdm_progress("vlmrel report", unit="step") as progress:
         report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
                               poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=_c_grid_or_default(args),
-                              transfer=not args.no_transfer, n_permutations=args.n_permutations, progress=progress)
+                              transfer=not args.no_transfer, n_permutations=args.n_permutations, n_jobs=args.n_jobs,
+                              progress=progress)
     paths = write_report(report, args.out, save_probes=not args.no_save_probes)
     from vlmrel_core.figures.html_report import write_html_report
 
@@ -108,5 +109,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--n-permutations", type=bounded_int(2, 10_000), default=20,
                    help="shuffled-label probes fitted for the null distribution (the control)")
     p.add_argument("--no-save-probes", action="store_true", help="do not save the selected probes under OUT/probes")
+    p.add_argument("--n-jobs", type=int, default=-1,
+                   help="worker processes for the probe fits (-1: every core, 1: none); the numbers do not depend on it")
     _add_common(p)
     p.set_defaults(func=cmd_report)

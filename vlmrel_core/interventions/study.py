@@ -34,7 +34,9 @@ UNTYPED = "untyped"
 
 
 @dataclass
-class _EvalResult:
+class AblationBaseline:
+    """One pass over the samples: correctness and answers, plus what the unablated pass also records."""
+
     correct: np.ndarray  # (n,) bool
     answers: list[str]
     attention_maps: list[np.ndarray] | None = None
@@ -55,7 +57,7 @@ def _evaluate(
     max_new_tokens: int,
     attentions: bool = False,
     mean_layer: int | None = None,
-) -> _EvalResult:
+) -> AblationBaseline:
     if not samples:
         raise ValueError("no samples to evaluate")
     if batch_size < 1:
@@ -89,7 +91,7 @@ def _evaluate(
                 states = record.states["mean_all"][:, position].astype(np.float64)
                 state_sum = states.sum(axis=0) if state_sum is None else state_sum + states.sum(axis=0)
                 n_states += states.shape[0]
-    return _EvalResult(
+    return AblationBaseline(
         correct=np.asarray(correct, dtype=bool),
         answers=answers,
         attention_maps=maps if attentions else None,
@@ -231,6 +233,7 @@ def run_ablation_study(
     max_new_tokens: int = 8,
     images: Sequence[Image.Image] | None = None,
     progress: Progress | None = None,
+    baselines: Mapping[str, AblationBaseline] | None = None,
 ) -> pd.DataFrame:
     """Accuracy change vs the unablated run for every intervention, as one tidy table.
 
@@ -242,6 +245,10 @@ def run_ablation_study(
     layer-averaged attention; needs eager attention; None to skip). Mean ablation uses ``means`` or, if absent,
     the layer's mean over these samples from the baseline pass. Rows: one "all" and one per question type.
     ``progress`` gets one step per pass over the samples, staged "<model>: baseline", "<model>: top_k k=5 zero"....
+
+    The unablated pass runs once per model and every condition is paired with it. ``baselines`` (model name ->
+    `ablation_baseline` of the same samples, images, batch size and max_new_tokens) shares it across calls too, e.g.
+    one call per k or per batch of conditions: that model's baseline pass is then skipped.
     """
     models = dict(loaded) if isinstance(loaded, Mapping) else {"model": loaded}
     names = list(models)
@@ -274,8 +281,13 @@ def run_ablation_study(
         for k in ks:
             top_k_dimensions(w, k)  # validate every k before the expensive passes
         need_means = "mean" in modes and mean_map[name] is None
-        base = _evaluate(model, samples, images, None, batch_size, max_new_tokens,
-                         attentions=mask_fraction is not None, mean_layer=layer_index if need_means else None)
+        given = (baselines or {}).get(name)
+        if given is not None:
+            _check_baseline(given, name, len(samples), mask_fraction is not None, need_means)
+            base = given
+        else:
+            base = ablation_baseline(model, samples, layer_index, images, attentions=mask_fraction is not None,
+                                     means=need_means, batch_size=batch_size, max_new_tokens=max_new_tokens)
         layer_mean = mean_map[name] if mean_map[name] is not None else base.state_means
         report(progress, next(done), total, f"{name}: baseline")
         fusion = getattr(model.adapter, "fusion", "")
@@ -323,6 +335,35 @@ def run_ablation_study(
         table[column] = table[column].astype("Int64")
     table["fraction"] = table["fraction"].astype(float)
     return table
+
+
+def ablation_baseline(
+    loaded: Any,
+    samples: Sequence[VQASample],
+    layer: int,
+    images: Sequence[Image.Image] | None = None,
+    *,
+    attentions: bool = True,
+    means: bool = False,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> AblationBaseline:
+    """The unablated pass every condition of `run_ablation_study` is paired with: per-question correctness, and
+    (``attentions``) the answer position's attention maps that rank patches for masking, and (``means``) decoder
+    layer ``layer``'s mean state for mean ablation. Compute it once and pass it as ``baselines`` to share it."""
+    (layer_index,) = resolve_layers(loaded.n_layers, [layer])
+    images = list(images) if images is not None else [s.load_image() for s in samples]
+    return _evaluate(loaded, samples, images, None, batch_size, max_new_tokens, attentions=attentions,
+                     mean_layer=layer_index if means else None)
+
+
+def _check_baseline(base: AblationBaseline, name: str, n: int, attentions: bool, means: bool) -> None:
+    if base.correct.shape != (n,):
+        raise ValueError(f"{name}: the given baseline has {base.correct.size} questions, the study {n}")
+    if attentions and base.attention_maps is None:
+        raise ValueError(f"{name}: masking needs the baseline's attention maps (ablation_baseline(..., attentions=True))")
+    if means and base.state_means is None:
+        raise ValueError(f"{name}: mean ablation needs the baseline's layer means (ablation_baseline(..., means=True))")
 
 
 def side_by_side(table: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
