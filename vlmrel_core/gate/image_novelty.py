@@ -20,10 +20,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from sklearn.covariance import LedoitWolf
 
-from vlmrel_core.io import atomic_write_text
+from vlmrel_core.io import atomic_write_text, read_json_and_tensors
 
 IMAGE_NOVELTY_SCHEMA_VERSION = 1
 IMAGE_SIDE = 64  # statistics are taken on the image resized to this side (the embedded generator's size)
@@ -162,19 +162,14 @@ class ImageNoveltyModel:
     def load(cls, directory: str | Path) -> "ImageNoveltyModel":
         d = Path(directory)
         meta_path, tensor_path = d / IMAGE_FILES[0], d / IMAGE_FILES[1]
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise ImageNoveltyError(f"{d}: expected {IMAGE_FILES[0]} and {IMAGE_FILES[1]}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ImageNoveltyError(f"{meta_path} is not valid JSON ({err.msg})") from err
+        meta, tensors = read_json_and_tensors(d, IMAGE_FILES[0], IMAGE_FILES[1], ImageNoveltyError)
         if meta.get("schema_version") != IMAGE_NOVELTY_SCHEMA_VERSION:
             raise ImageNoveltyError(f"{meta_path}: schema {meta.get('schema_version')!r}, expected "
                                     f"{IMAGE_NOVELTY_SCHEMA_VERSION}")
         if meta.get("features") != list(IMAGE_FEATURES):
             raise ImageNoveltyError(f"{meta_path}: features {meta.get('features')} differ from this version's "
                                     f"{list(IMAGE_FEATURES)}; rebuild the gate")
-        t = {k: v.astype(np.float64) for k, v in load_file(str(tensor_path)).items()}
+        t = {k: v.astype(np.float64) for k, v in tensors.items()}
         missing = [k for k in ("mean", "scale", "precision", "reference_features", "reference_scores") if k not in t]
         if missing:
             raise ImageNoveltyError(f"{tensor_path}: missing tensors {missing}")

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from sklearn.covariance import OAS, LedoitWolf
 
 from vlmrel_core.gate.image_novelty import IMAGE_FILES, ImageNoveltyModel, joint_thresholds
-from vlmrel_core.io import atomic_write_text
+from vlmrel_core.io import atomic_write_text, read_json_and_tensors
 
 NoveltyMethod = Literal["mahalanobis", "knn"]
 Shrinkage = Literal["ledoit_wolf", "oas"]
@@ -144,17 +144,12 @@ class NoveltyModel:
     def load(cls, directory: str | Path) -> "NoveltyModel":
         d = Path(directory)
         meta_path, tensor_path = d / "novelty.json", d / "novelty.safetensors"
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise NoveltyError(f"{d}: expected novelty.json and novelty.safetensors")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise NoveltyError(f"{meta_path} is not valid JSON ({err.msg})") from err
+        meta, tensors = read_json_and_tensors(d, meta_path.name, tensor_path.name, NoveltyError)
         if meta.get("schema_version") != NOVELTY_SCHEMA_VERSION:
             raise NoveltyError(f"{meta_path}: schema {meta.get('schema_version')!r}, expected {NOVELTY_SCHEMA_VERSION}")
         if meta.get("method") not in NOVELTY_METHODS:
             raise NoveltyError(f"{meta_path}: unknown method {meta.get('method')!r}; expected one of {NOVELTY_METHODS}")
-        t = {k: v.astype(np.float64) for k, v in load_file(str(tensor_path)).items()}
+        t = {k: v.astype(np.float64) for k, v in tensors.items()}
         needed = "precision" if meta["method"] == "mahalanobis" else "bank"
         missing = [k for k in ("mean", "scale", "reference_states", "reference_scores", needed) if k not in t]
         if missing:

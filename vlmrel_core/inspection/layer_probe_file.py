@@ -19,13 +19,12 @@ from typing import Any, Callable
 
 import numpy as np
 from pydantic import ValidationError
-from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_bytes
 
 from vlmrel_core.analysis.probes import Probe, ProbeInfo, _tensors_digest
 from vlmrel_core.inspection.layer_probes import LayerProbeError, LayerProbes, fit_layer_probes, load_or_fit_layer_probes
 from vlmrel_core.progress import Progress, report
-from vlmrel_core.io import atomic_write_bytes, write_json
+from vlmrel_core.io import atomic_write_bytes, read_json_and_tensors, write_json
 
 LAYER_PROBES_TENSORS = "layer_probes.safetensors"
 LAYER_PROBES_META = "layer_probes.json"
@@ -89,15 +88,8 @@ def load_bundle_layer_probes(bundle_dir: str | Path, gate_probe: Probe, run_dir:
     recorded for another model, pooling, gate layer or gate probe (a bundle rebuilt without refreshing it)."""
     bundle_dir = Path(bundle_dir)
     meta_path, tensor_path = bundle_dir / LAYER_PROBES_META, bundle_dir / LAYER_PROBES_TENSORS
-    for path in (meta_path, tensor_path):
-        if not path.is_file():
-            raise StaleLayerProbes(f"{bundle_dir} has no {path.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
-    except Exception as err:  # json and safetensors raise several types for damaged files
-        raise StaleLayerProbes(f"cannot read the bundle's layer probes in {bundle_dir}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    meta, tensors = read_json_and_tensors(bundle_dir, LAYER_PROBES_META, LAYER_PROBES_TENSORS, StaleLayerProbes)
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise StaleLayerProbes(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} file")
     expected = _gate_record(gate_probe)
     wrong = [f"{key} {meta.get(key)!r} (the bundle's probe: {value!r})" for key, value in expected.items()
