@@ -91,8 +91,8 @@ def _logit_lens(
 
 
 def _answer_logsumexps(logits: torch.Tensor, answer_tokens: AnswerTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """logsumexp of the yes columns and of the no columns (index_select: the same values as a list index, without
-    building an index tensor from a Python list per call)."""
+    """logsumexp of the yes columns and of the no columns (index_select on one small index tensor per call: the same
+    values as indexing with a Python list, without its per-element conversion)."""
     yes_ids = torch.tensor(answer_tokens.yes_ids, device=logits.device)
     no_ids = torch.tensor(answer_tokens.no_ids, device=logits.device)
     return torch.logsumexp(logits.index_select(-1, yes_ids), dim=-1), torch.logsumexp(logits.index_select(-1, no_ids), dim=-1)
