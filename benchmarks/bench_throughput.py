@@ -117,10 +117,11 @@ def main() -> None:
     subset.write_text("\n".join(Path(args.data).read_text().splitlines()[:n]) + "\n")
     image_root = Path(args.data).parent
 
-    def run_extract(batch_size: int) -> None:
+    def run_extract(batch_size: int, share: bool = True) -> None:
         with tempfile.TemporaryDirectory(prefix="vlmrel_bench_run_") as out:
             extract(loaded, subset, out, image_root=image_root, attentions=True, batch_size=batch_size,
-                    shard_size=batch_size * max(1, 256 // batch_size), max_new_tokens=args.max_new_tokens)
+                    shard_size=batch_size * max(1, 256 // batch_size), max_new_tokens=args.max_new_tokens,
+                    share_image_prefix=share)
 
     variants: dict[str, Callable[[], None]] = {
         "naive": lambda: naive_loop(loaded, samples, args.max_new_tokens),
@@ -128,6 +129,8 @@ def main() -> None:
         "batch_1": lambda: run_extract(1),
     }
     variants.update({f"batch_{b}": (lambda b=b: run_extract(b)) for b in batch_sizes if b != 1})
+    # the same batches with every question run in full (no image-prefix sharing), for the ratio sharing adds
+    variants.update({f"unshared_{b}": (lambda b=b: run_extract(b, share=False)) for b in batch_sizes[-1:] if b != 1})
     naive_loop(loaded, samples[:2], args.max_new_tokens)  # warm-up: first calls allocate and import
     capture_loop(loaded, samples[:2], args.max_new_tokens)
     run_extract(1)

@@ -73,3 +73,40 @@ def test_batched_run_equals_single_questions(family_loaded):
                                        err_msg=f"{family} {name} sample {i}")
         np.testing.assert_allclose(batched.lens_logodds[i], single.lens_logodds[0], atol=2e-4, rtol=1e-4)
         np.testing.assert_allclose(batched.attentions[i], single.attentions[0], atol=1e-5)
+
+
+def _assert_same_record(got, ref, i: int, j: int, context: str) -> None:
+    assert got.answer_text[i] == ref.answer_text[j], context
+    assert got.image_token_counts[i] == ref.image_token_counts[j], context
+    for pooling in POOLINGS:
+        np.testing.assert_allclose(got.states[pooling][i], ref.states[pooling][j], atol=2e-4, rtol=1e-4,
+                                   err_msg=f"{context} {pooling}")
+    for name in OUTPUTS:
+        np.testing.assert_allclose(got.output[name][i], ref.output[name][j], atol=2e-4, rtol=1e-4, err_msg=f"{context} {name}")
+    np.testing.assert_allclose(got.lens_logodds[i], ref.lens_logodds[j], atol=2e-4, rtol=1e-4, err_msg=context)
+    np.testing.assert_allclose(got.attentions[i], ref.attentions[j], atol=1e-5, err_msg=context)
+
+
+def test_shared_image_prefix_equals_full_passes(family_loaded):
+    """Two images, two questions each (different lengths): with an image-prefix cache, in one batch and one question
+    at a time, every row equals the pass without sharing; only LLaVA shares (the cache fills and is hit)."""
+    from vlmrel_core.engine.prefix_sharing import ImagePrefixCache
+
+    family, loaded = family_loaded
+    images = _images(family)[:2]
+    rows_images = [images[0], images[1], images[0], images[1]]
+    reference = run_batch(loaded, rows_images, QUESTIONS, attentions=True, max_new_tokens=4)
+    batched_cache = ImagePrefixCache()
+    batched = run_batch(loaded, rows_images, QUESTIONS, attentions=True, max_new_tokens=4, prefix_cache=batched_cache)
+    one_cache = ImagePrefixCache()
+    singles = [run_batch(loaded, [image], [question], attentions=True, max_new_tokens=4, prefix_cache=one_cache)
+               for image, question in zip(rows_images, QUESTIONS)]
+    for i in range(len(QUESTIONS)):
+        _assert_same_record(batched, reference, i, i, f"{family} batched row {i}")
+        _assert_same_record(singles[i], reference, 0, i, f"{family} single row {i}")
+    shares = loaded.adapter.shareable_image_prefix
+    assert shares == (family == "llava")
+    assert (batched_cache.hits, one_cache.hits) == ((2, 2) if shares else (0, 0))
+    assert len(batched_cache) == len(one_cache) == (2 if shares else 0)
+    if shares:  # the shared rows ran fewer prompt tokens: one call over new images, one over the kept prefixes
+        assert batched.n_forward_calls > reference.n_forward_calls

@@ -66,7 +66,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 poolings=args.poolings.split(","), attentions=args.attentions, batch_size=args.batch_size,
                 shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, normalization=args.normalization,
                 limit=args.limit, progress=progress, self_consistency_k=args.self_consistency, parallel=parallel,
-                allow_external_paths=args.allow_external_paths,
+                allow_external_paths=args.allow_external_paths, share_image_prefix=args.share_image_prefix,
             )
     except KeyboardInterrupt:
         print(f"interrupted: finished shards are kept in {args.out}; run the same command again to resume", file=sys.stderr)
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the JSONL's image paths leave the image root (absolute paths, ../)")
     p.add_argument("--self-consistency", type=bounded_int(0, 64), default=0, metavar="K",
                    help="also sample K answers per question (T=0.7, top-p 0.9) and store their agreement (K x cost)")
+    p.add_argument("--share-image-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="questions about one image reuse its prompt prefix's pass (LLaVA family; equal to float "
+                        "tolerance); --no-share-image-prefix runs every question in full")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model with accelerate")

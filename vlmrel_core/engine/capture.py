@@ -75,6 +75,7 @@ class CaptureResult:
     poolings: tuple[str, ...]
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     attentions: list[np.ndarray] | None = None  # per sample: (n_layers, n_image_tokens), head-averaged
+    prefix_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # with PrefixSums: layer -> (b, 3, d)
     n_forward_calls: int = 0  # top-level model calls made inside the block (prefill + decode steps)
 
 
@@ -91,6 +92,21 @@ def _pooling_weights(layout: TokenLayout, poolings: Sequence[str], device: torch
 
     Why one matrix: every pooling of a layer becomes ONE batched matmul instead of a mask/sum/divide per pooling,
     built once per call instead of once per layer (the per-op overhead dominated batch-1 capture)."""
+    weights = _pooling_rows(layout, poolings)  # one normalisation for every pooling (elementwise: the same values)
+    return (weights / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(device)
+
+
+def pooling_counts(layout: TokenLayout, poolings: Sequence[str]) -> torch.Tensor:
+    """(b, P) how many tokens each pooling of each sample averages (the divisor of `_pooling_weights`)."""
+    return _pooling_rows(layout, poolings).sum(dim=2).clamp_min(1.0)
+
+
+#: The token sets whose prefix sums a shared image prefix keeps (mean poolings; last_token is never in the prefix).
+PREFIX_SETS: tuple[str, ...] = ("mean_all", "mean_image", "mean_text")
+
+
+def _pooling_rows(layout: TokenLayout, poolings: Sequence[str]) -> torch.Tensor:
+    """(b, P, s) float32 0/1: which tokens pooling p reads for sample i."""
     real = layout.attention_mask.cpu()
     image = layout.image_mask.cpu()
     rows = []
@@ -105,8 +121,25 @@ def _pooling_weights(layout: TokenLayout, poolings: Sequence[str], device: torch
             rows.append(real & ~image)
         else:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-    weights = torch.stack(rows, dim=1).float()  # one normalisation for every pooling (elementwise: the same values)
-    return (weights / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(device)
+    return torch.stack(rows, dim=1).float()
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows whose first ``length`` prompt tokens are already in the KV cache (image-prefix sharing): the model is
+    called on the rest only, and each pooling's part from the prefix positions is given, per captured layer, as
+    (b, P, d) float32 (the prefix's kept token sums over the pooling's divisor)."""
+
+    length: int
+    pooled: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PrefixSums:
+    """Ask `capture` to also sum each row's prefix tokens, per token set of `PREFIX_SETS`: ``spans`` (b, 3, s) 0/1
+    marks them (zeros for a row whose prefix is not kept); the sums land in `CaptureResult.prefix_sums`."""
+
+    spans: torch.Tensor
 
 
 _EAGER_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -134,8 +167,14 @@ def capture(
     layers: Sequence[int] | None = None,
     poolings: Sequence[str] = POOLINGS,
     attentions: bool = False,
+    shared: SharedPrefix | None = None,
+    prefix_sums: PrefixSums | None = None,
 ) -> Iterator[CaptureResult]:
-    """Capture the first forward call (the prefill) made inside the block; later decode steps are ignored."""
+    """Capture the first forward call (the prefill) made inside the block; later decode steps are ignored.
+
+    With ``shared`` the prefill covers only the tokens after the cached prefix: poolings add the given prefix parts,
+    attention rows are read at the last token's place in the shorter query. ``prefix_sums`` records each row's
+    prefix token sums for later sharing."""
     decoder_layers = adapter.decoder_layers(model)
     chosen = resolve_layers(len(decoder_layers), layers)
     for pooling in poolings:
@@ -144,6 +183,12 @@ def capture(
     if attentions:
         _check_eager(model)
     result = CaptureResult(layers=chosen, poolings=tuple(poolings))
+    offset = shared.length if shared is not None else 0
+    query_length = layout.attention_mask.shape[1] - offset  # the prefill's sequence length
+    if shared is not None and (missing_parts := [i for i in chosen if i not in shared.pooled]):
+        raise ValueError(f"the shared prefix has no pooled part for layers {missing_parts}")
+    if shared is not None and bool((layout.last_index < offset).any()):
+        raise ValueError("a row's last prompt token lies inside the shared prefix; nothing would be left to run")
     pooled: dict[int, torch.Tensor] = {}  # layer -> (b, P, d), still on the layer's device
     weights_on: dict[torch.device, torch.Tensor] = {}  # pooling weights per device (device_map may split layers)
     attn_rows: dict[int, torch.Tensor] = {}
@@ -155,11 +200,16 @@ def capture(
             if not is_active(owner) or layer_index in pooled:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[1] != layout.attention_mask.shape[1]:
+            if hidden.shape[1] != query_length:
                 return  # not the prefill of this batch (a decode step)
             if weights_on.get(hidden.device) is None:
-                weights_on[hidden.device] = _pooling_weights(layout, poolings, hidden.device)
-            pooled[layer_index] = torch.bmm(weights_on[hidden.device], hidden.detach().float())  # (b, P, d)
+                weights_on[hidden.device] = _pooling_weights(layout, poolings, hidden.device)[:, :, offset:]
+            states = hidden.detach().float()
+            pooled[layer_index] = torch.bmm(weights_on[hidden.device], states)  # (b, P, d)
+            if shared is not None:
+                pooled[layer_index] += shared.pooled[layer_index].to(hidden.device)
+            if prefix_sums is not None:
+                result.prefix_sums[layer_index] = torch.bmm(prefix_sums.spans.to(hidden.device), states).cpu()
 
         return hook
 
@@ -170,10 +220,10 @@ def capture(
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise AdapterError("the attention module returned no weights; load the model with attn_implementation='eager'")
-            if weights.shape[-2] != layout.attention_mask.shape[1]:
+            if weights.shape[-2] != query_length:
                 return
             b = weights.shape[0]
-            rows = weights[torch.arange(b, device=weights.device), :, layout.last_index.to(weights.device), :]
+            rows = weights[torch.arange(b, device=weights.device), :, (layout.last_index - offset).to(weights.device), :]
             attn_rows[layer_index] = rows.float().mean(dim=1).detach()  # (b, keys), head-averaged; CPU copy at the end
 
         return hook

@@ -20,6 +20,7 @@ from vlmrel_core.engine.answers import NormalizationMode, is_correct, normalize_
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
+from vlmrel_core.engine.prefix_sharing import ImagePrefixCache, image_grouped_batches
 from vlmrel_core.engine.run import BatchRecord, run_batch
 from vlmrel_core.engine.parallel import DataParallel, rank_lock
 from vlmrel_core.engine.store import LOCK, CacheError, RunManifest, RunWriter, merge_rank_manifests, ensure_run_dir_free, run_lock
@@ -127,6 +128,7 @@ def extract(
     self_consistency_k: int = 0,
     allow_external_paths: bool = False,
     parallel: DataParallel | None = None,
+    share_image_prefix: bool = True,
 ) -> Path:
     """Extract (resuming if ``out_dir`` holds a compatible partial run); returns the run directory.
 
@@ -135,6 +137,9 @@ def extract(
     The run folder is locked for the whole call: a second extraction into it fails at once (`RunInUseError`).
     ``parallel`` (one rank of a data-parallel job, see `engine.parallel`): this process extracts its block of the
     dataset into its own shards; rank 0 merges every rank's shards into the one manifest after all finish.
+    ``share_image_prefix``: questions about one image share its prompt prefix's pass (`engine.prefix_sharing`;
+    LLaVA family; equal to float tolerance); each shard is run image by image: a batch of first questions, then
+    the batches of those images' other questions, written back in the dataset's order.
     """
     from vlmrel_core.gate.config import MAX_NEW_TOKENS, MAX_SELF_CONSISTENCY_K
     from vlmrel_core.validation.errors import check_int_range
@@ -173,7 +178,7 @@ def extract(
     )
     dataset_root = (Path(image_root) if image_root is not None else Path(data_path).parent).resolve()
     work = _ShardWork(loaded, dataset_root, chosen_layers, poolings, attentions, batch_size, shard_size,
-                      max_new_tokens, normalization, self_consistency_k)
+                      max_new_tokens, normalization, self_consistency_k, share_image_prefix)
     if parallel is None:
         with run_lock(out_dir):
             writer = RunWriter(out_dir, manifest)
@@ -199,18 +204,24 @@ class _ShardWork:
     max_new_tokens: int
     normalization: NormalizationMode
     self_consistency_k: int
+    share_image_prefix: bool = True
 
     def run(self, writer: RunWriter, todo: Sequence[VQASample], completed: int, total: int, progress: Progress | None) -> None:
         report(progress, completed, total, "questions")
+        sharing = self.share_image_prefix and self.loaded.adapter.shareable_image_prefix
+        prefix_cache = ImagePrefixCache() if sharing else None
         for shard_start in range(0, len(todo), self.shard_size):
             shard_samples = todo[shard_start : shard_start + self.shard_size]
-            shard_rows, tensor_parts = [], []
-            for start in range(0, len(shard_samples), self.batch_size):
-                batch = shard_samples[start : start + self.batch_size]
+            shard_rows, tensor_parts, order = [], [], []
+            batches = (image_grouped_batches(shard_samples, self.batch_size) if sharing else
+                       [list(range(i, min(i + self.batch_size, len(shard_samples))))
+                        for i in range(0, len(shard_samples), self.batch_size)])
+            for indices in batches:
+                batch = [shard_samples[i] for i in indices]
                 images = [s.load_image() for s in batch]
                 record = run_batch(
                     self.loaded, images, [s.question for s in batch], self.layers, self.poolings, self.attentions,
-                    max_new_tokens=self.max_new_tokens, normalization=self.normalization,
+                    max_new_tokens=self.max_new_tokens, normalization=self.normalization, prefix_cache=prefix_cache,
                 )
                 rows = _rows_for_batch(batch, images, record, self.dataset_root)
                 if self.self_consistency_k:
@@ -218,15 +229,18 @@ class _ShardWork:
                                                  self.max_new_tokens, self.normalization)
                 shard_rows.extend(rows)
                 tensor_parts.append(_tensors_for_batch(record))
+                order.extend(indices)
                 completed += len(batch)
                 report(progress, completed, total, f"shard {len(writer.manifest.shards) + 1}")
+            in_order = np.argsort(np.asarray(order), kind="stable")  # rows and tensors back in the dataset's order
+            shard_rows = [shard_rows[i] for i in in_order]
             tensors = {}
             for name in tensor_parts[0]:
                 parts = [p[name] for p in tensor_parts]
                 if name == "attention_image":
                     width = max(p.shape[2] for p in parts)
                     parts = [np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[2]))) for p in parts]
-                tensors[name] = np.concatenate(parts)
+                tensors[name] = np.concatenate(parts)[in_order]
             # attention stays float32: a last token that attends mostly to text leaves image weights below float16's
             # normal range, and flushing them to zero would destroy exactly the maps the attention signals read
             writer.write_shard(pd.DataFrame(shard_rows), tensors)

@@ -18,9 +18,13 @@ from PIL import Image
 
 from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable
 from vlmrel_core.engine.answers import NormalizationMode
-from vlmrel_core.engine.capture import TokenLayout, capture
-from vlmrel_core.engine.layers import POOLINGS
+from vlmrel_core.engine.capture import PrefixSums, SharedPrefix, TokenLayout, capture
+from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.engine.loading import LoadedVLM
+from vlmrel_core.engine.prefix_sharing import (
+    CACHE_KWARG, CachedPrefix, ImagePrefixCache, kept_prefixes, plan_calls, prefix_spans, row_prefixes, select_rows,
+    shared_call,
+)
 from vlmrel_core.signals.output import output_signals
 from vlmrel_core.validation.images import load_image
 from vlmrel_core.validation.questions import prepare_question, question_token_limit
@@ -119,11 +123,14 @@ def run_batch(
     max_new_tokens: int = 8,
     normalization: NormalizationMode = "lenient",
     keep_prefill: bool = False,
+    prefix_cache: ImagePrefixCache | None = None,
 ) -> BatchRecord:
     """Greedy answers for a batch plus everything the probes, signals and gate need, from one generate call.
 
     ``keep_prefill`` keeps the prompt's KV cache in ``record.prefill`` where the adapter allows reusing it
-    (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill."""
+    (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill. ``prefix_cache``: questions
+    about an image whose prompt prefix is kept there run only their own tokens (`prefix_sharing`; families with
+    `adapter.shareable_image_prefix`, without ``keep_prefill``); new prefixes are kept for later rows and calls."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     if not questions:
@@ -136,17 +143,55 @@ def run_batch(
         # user text is validated and its special-token strings neutralised: it is only ever read as text
         prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
         inputs = adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
-    answer_tokens = loaded.answer_tokens
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
     layout = TokenLayout.from_inputs(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
+    preprocess_s = time.perf_counter() - t0
+    options = _PassOptions(resolve_layers(loaded.n_layers, layers), tuple(poolings), attentions, logit_lens,
+                           max_new_tokens, normalization, keep_prefill)
+    if prefix_cache is None or keep_prefill or not adapter.shareable_image_prefix:
+        record = _run_pass(loaded, inputs, layout, options).record
+    else:
+        record = _run_sharing(loaded, inputs, layout, options, prefix_cache)
+    record.timings["preprocess_s"] = preprocess_s
+    return record
+
+
+@dataclass(frozen=True)
+class _PassOptions:
+    layers: list[int]
+    poolings: tuple[str, ...]
+    attentions: bool
+    logit_lens: bool
+    max_new_tokens: int
+    normalization: NormalizationMode
+    keep_prefill: bool
+
+
+@dataclass
+class _Pass:
+    record: BatchRecord
+    cache: Any  # the generate call's KV cache
+    prefix_sums: dict[int, torch.Tensor]
+
+
+def _run_pass(
+    loaded: LoadedVLM, inputs: dict[str, torch.Tensor], layout: TokenLayout, options: _PassOptions,
+    shared: SharedPrefix | None = None, sums: PrefixSums | None = None, past: Any = None,
+) -> _Pass:
+    """One captured generate call on prepared inputs (with ``past``/``shared``: only the tokens after a kept prefix)."""
+    adapter, model = loaded.adapter, loaded.model
+    answer_tokens = loaded.answer_tokens
     t1 = time.perf_counter()
+    past_kwargs = {CACHE_KWARG: past} if past is not None else {}
     # inference_mode, not no_grad: no version counters or view tracking on any op (measurably less per-op overhead)
-    with torch.inference_mode(), capture(model, adapter, layout, layers, poolings, attentions) as captured:
+    with torch.inference_mode(), capture(model, adapter, layout, options.layers, options.poolings, options.attentions,
+                                         shared=shared, prefix_sums=sums) as captured:
         generated = model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens,
+            **past_kwargs,
+            max_new_tokens=options.max_new_tokens,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -155,7 +200,8 @@ def run_batch(
     t2 = time.perf_counter()
     prompt_length = inputs["input_ids"].shape[1]
     prefill = None
-    cache = _generated_cache(generated) if keep_prefill and adapter.reusable_prefill else None
+    generated_cache = _generated_cache(generated)
+    cache = generated_cache if options.keep_prefill and adapter.reusable_prefill else None
     if cache is not None and getattr(cache, "is_croppable", True):  # sliding-window caches cannot be cut back
         excess = int(cache.get_seq_length()) - prompt_length
         if excess > 0:
@@ -169,13 +215,14 @@ def run_batch(
     answer_logits = step_logits[:, 0].cpu().numpy()
     output = output_signals(answer_logits, answer_tokens.yes_ids, answer_tokens.no_ids)
     output["mean_token_logprob"] = _mean_token_logprob(step_logits, new_tokens, loaded.tokenizer)
-    lens = _logit_lens(loaded, captured.states["last_token"], answer_tokens, softcap) if logit_lens and "last_token" in poolings else None
+    lens = (_logit_lens(loaded, captured.states["last_token"], answer_tokens, softcap)
+            if options.logit_lens and "last_token" in options.poolings else None)
     image_token_counts = layout.image_token_counts
     grids = [_image_grid_or_none(adapter, model, inputs, i, n) for i, n in enumerate(image_token_counts)]
     t3 = time.perf_counter()
-    return BatchRecord(
+    record = BatchRecord(
         answer_text=answer_text,
-        answer=[adapter.normalize(t, normalization) for t in answer_text],
+        answer=[adapter.normalize(t, options.normalization) for t in answer_text],
         answer_strict=[adapter.normalize(t, "strict") for t in answer_text],
         output=output,
         states={p: s.numpy() for p, s in captured.states.items()},
@@ -184,9 +231,70 @@ def run_batch(
         attentions=captured.attentions,
         image_token_counts=image_token_counts,
         image_grids=grids,
-        timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "postprocess_s": t3 - t2},
+        timings={"generate_s": t2 - t1, "postprocess_s": t3 - t2},
         n_forward_calls=captured.n_forward_calls,
         prefill=prefill,
+    )
+    return _Pass(record, generated_cache, captured.prefix_sums)
+
+
+def _run_sharing(
+    loaded: LoadedVLM, inputs: dict[str, torch.Tensor], layout: TokenLayout, options: _PassOptions,
+    prefix_cache: ImagePrefixCache,
+) -> BatchRecord:
+    """Rows with a new image prefix in one full call (keeping their prefixes), then rows whose prefix is kept in
+    calls over their own tokens only; the parts are put back in the batch's order."""
+    prefixes = row_prefixes(inputs, layout)
+    image_token_id = loaded.adapter.image_token_id(loaded.model)
+    parts: list[tuple[list[int], BatchRecord]] = []
+
+    def run_full(rows: list[int]) -> None:
+        chosen = select_rows(inputs, rows) if len(rows) < len(prefixes) else inputs
+        shift = inputs["input_ids"].shape[1] - chosen["input_ids"].shape[1]
+        row_layout = TokenLayout.from_inputs(chosen["input_ids"], chosen.get("attention_mask"), image_token_id)
+        chosen_prefixes = [prefixes[r] for r in rows]
+        done = _run_pass(loaded, chosen, row_layout, options, sums=prefix_spans(row_layout, chosen_prefixes, shift))
+        for prefix, entry in zip(chosen_prefixes, kept_prefixes(done.cache, chosen_prefixes, shift, done.prefix_sums)):
+            if prefix is not None and entry is not None:
+                prefix_cache.put(prefix.key, entry)
+        parts.append((rows, done.record))
+
+    def run_shared(rows: list[int], entries: list[CachedPrefix]) -> None:
+        call = shared_call(loaded.model, inputs, rows, prefixes, entries, image_token_id, options.poolings,
+                           loaded.tokenizer.pad_token_id or 0)
+        parts.append((rows, _run_pass(loaded, call.inputs, call.layout, options, shared=call.shared, past=call.cache).record))
+
+    plan_calls(prefixes, prefix_cache, options.layers, run_full, run_shared)
+    return parts[0][1] if len(parts) == 1 else _merge_records(parts, len(prefixes))
+
+
+def _merge_records(parts: list[tuple[list[int], BatchRecord]], n: int) -> BatchRecord:
+    """One record in batch order from records of row subsets (``parts``: (batch rows, record))."""
+    order = [row for rows, _ in parts for row in rows]
+    back = np.argsort(np.asarray(order))  # position in the concatenation of each batch row
+    records = [record for _, record in parts]
+
+    def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrays)[back]
+
+    def listed(values: list[list]) -> list:
+        flat = [v for part in values for v in part]
+        return [flat[i] for i in back]
+
+    first = records[0]
+    return BatchRecord(
+        answer_text=listed([r.answer_text for r in records]),
+        answer=listed([r.answer for r in records]),
+        answer_strict=listed([r.answer_strict for r in records]),
+        output={k: stacked([r.output[k] for r in records]) for k in first.output},
+        states={k: stacked([r.states[k] for r in records]) for k in first.states},
+        layers=first.layers,
+        lens_logodds=stacked([r.lens_logodds for r in records]) if first.lens_logodds is not None else None,
+        attentions=listed([r.attentions for r in records]) if first.attentions is not None else None,
+        image_token_counts=listed([r.image_token_counts for r in records]),
+        image_grids=listed([r.image_grids for r in records]),
+        timings={k: sum(r.timings.get(k, 0.0) for r in records) for k in first.timings},
+        n_forward_calls=sum(r.n_forward_calls for r in records),
     )
 
 

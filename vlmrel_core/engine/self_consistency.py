@@ -28,6 +28,7 @@ from torch import nn
 
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.loading import LoadedVLM
+from vlmrel_core.engine.prefix_sharing import CACHE_KWARG as _CACHE_KWARG
 from vlmrel_core.engine.run import Prefill, _as_rgb, _generated_cache
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer
 
@@ -36,15 +37,6 @@ __all__ = ["SelfConsistencyResult", "ForwardCounter", "count_forward_calls", "it
 _SAMPLING_LOCK = threading.Lock()
 
 
-def _cache_kwarg() -> str:
-    """`generate`'s name for a KV cache to continue from: `cache` where transformers renamed it (its outputs carry a
-    `cache` field), `past_key_values` before."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
-
-
-_CACHE_KWARG = _cache_kwarg()
 
 
 @dataclass

@@ -76,6 +76,9 @@ class VLMAdapter:
     # the greedy pass's prompt KV cache can seed gray-zone sampling (no per-batch state outside the cache,
     # unlike Qwen2-VL's M-RoPE deltas, which the model keeps for the whole batch)
     reusable_prefill: ClassVar[bool] = False
+    # questions about one image may share the prompt's KV cache through the last image token (`prefix_sharing`):
+    # causal attention, image features only in that prefix, positions independent of the later tokens
+    shareable_image_prefix: ClassVar[bool] = False
 
     # --- model structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -20,6 +20,7 @@ class LlavaAdapter(VLMAdapter):
     layer_paths = ("model.language_model.layers", "language_model.model.layers", "model.language_model.model.layers")
     final_norm_paths = ("model.language_model.norm", "language_model.model.norm", "model.language_model.model.norm")
     reusable_prefill = True
+    shareable_image_prefix = True
 
     def format_prompt(self, processor: Any, question: str) -> str:
         if getattr(processor, "chat_template", None):
