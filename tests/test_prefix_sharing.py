@@ -86,3 +86,33 @@ def test_extraction_with_sharing_equals_extraction_without(tiny_loaded, tiny_dat
     pd.testing.assert_frame_equal(shared.rows, full.rows, check_exact=False, atol=1e-5)
     for name in TENSORS:
         np.testing.assert_allclose(shared.tensor(name), full.tensor(name), atol=2e-3, rtol=2e-3, err_msg=name)
+
+
+def test_gray_zone_samples_from_a_shared_prefix_prefill(tiny_loaded):
+    """A batch run in two calls (new images, then kept prefixes with padding between prefix and question) keeps
+    each row's prompt cache: at T -> 0 every row's samples are its own greedy answer, and at batch 1 a kept-prefix
+    prefill draws exactly the samples of a prefill of its own."""
+    from vlmrel_core.engine.run import PrefillParts
+    from vlmrel_core.engine.self_consistency import sample_answers
+    from vlmrel_core.signals.consistency import SelfConsistencyConfig
+
+    loaded = tiny_loaded["late_fusion"]
+    first, second = render_scene(make_scene(8)), render_scene(make_scene(9))
+    images = [first, second, first, second]
+    questions = ["is there a red circle in the image?", "what objects are in the image?",
+                 "is there a blue square on the left of the image?", "is there a green cross?"]
+    cache = ImagePrefixCache()
+    batch = run_batch(loaded, images, questions, layers=[0], poolings=["last_token"], logit_lens=False,
+                      max_new_tokens=4, keep_prefill=True, prefix_cache=cache)
+    assert isinstance(batch.prefill, PrefillParts) and cache.hits == 2
+    cold = SelfConsistencyConfig(k=2, temperature=1e-4, top_p=1.0)
+    for i in (3, 0, 2, 1):
+        result = sample_answers(loaded, images[i], questions[i], cold, max_new_tokens=4, prefill=batch.prefill.row(i))
+        assert result.samples_text == [batch.answer_text[i]] * 2, i
+    config = SelfConsistencyConfig(k=6, seed=2)
+    single = run_batch(loaded, [first], [questions[2]], layers=[0], poolings=["last_token"], logit_lens=False,
+                       max_new_tokens=4, keep_prefill=True, prefix_cache=cache)
+    assert cache.hits == 3
+    reused = sample_answers(loaded, first, questions[2], config, max_new_tokens=4, prefill=single.prefill.row(0))
+    own = sample_answers(loaded, first, questions[2], config, max_new_tokens=4)
+    assert reused.samples_text == own.samples_text

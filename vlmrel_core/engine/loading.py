@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vlmrel_core.engine.adapters import AnswerTokens, VLMAdapter, adapter_for_model_type
+from vlmrel_core.engine.prefix_sharing import ImagePrefixCache, configured_max_bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -40,6 +41,9 @@ class LoadedVLM:
     attn_implementation: str
     dtype: str
     processor_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # prompt prefixes of recent images (`prefix_sharing`), for the one-question paths (Inspect, the gate): a second
+    # question about an image runs only its own tokens; shared by every session using this model (thread-safe)
+    prefix_cache: ImagePrefixCache = field(default_factory=lambda: ImagePrefixCache(configured_max_bytes()), repr=False)
 
     @property
     def tokenizer(self) -> Any:

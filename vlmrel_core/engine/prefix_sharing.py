@@ -26,8 +26,16 @@ import torch
 
 from vlmrel_core.engine.capture import PREFIX_SETS, PrefixSums, SharedPrefix, TokenLayout, pooling_counts
 
-#: Kept prefixes per cache at most (LRU); 512 MiB holds ~1,000 embedded-model images or one LLaVA-1.5-7B image.
+#: Kept prefixes per cache at most (LRU); 512 MiB holds ~1,900 embedded-model images or one LLaVA-1.5-7B image
+#: (fp16, 32 layers x 600 tokens). VLMREL_PREFIX_CACHE_MB sets it for the model-wide cache (0: no sharing).
 DEFAULT_MAX_BYTES = 512 * 2**20
+
+
+def configured_max_bytes() -> int:
+    """The model-wide cache budget: VLMREL_PREFIX_CACHE_MB (MiB, 0 turns sharing off) or the default."""
+    from vlmrel_core.validation.errors import int_setting
+
+    return int_setting("VLMREL_PREFIX_CACHE_MB", DEFAULT_MAX_BYTES // 2**20, minimum=0) * 2**20
 _TEXT_KEYS = ("input_ids", "attention_mask")
 
 

@@ -46,7 +46,7 @@ class BatchRecord:
     image_grids: list[tuple[int, int] | None]  # None: the adapter cannot lay the image tokens on one grid (tiles)
     timings: dict[str, float] = field(default_factory=dict)
     n_forward_calls: int = 0
-    prefill: "Prefill | None" = None  # with keep_prefill: the prompt's KV cache, for gray-zone sampling
+    prefill: "Prefill | PrefillParts | None" = None  # with keep_prefill: the prompt's KV cache, for gray-zone sampling
 
 
 @dataclass
@@ -70,6 +70,19 @@ class Prefill:
             cache.batch_select_indices(torch.tensor([index], device=self.first_logits.device))
         return Prefill(cache, {k: v[index : index + 1] for k, v in self.inputs.items() if k != "pixel_values"},
                        self.first_logits[index : index + 1])
+
+
+@dataclass
+class PrefillParts:
+    """The prompt KV caches of a batch run in several calls (image-prefix sharing): (batch rows, that call's Prefill)."""
+
+    parts: list[tuple[list[int], Prefill]]
+
+    def row(self, index: int) -> Prefill:
+        for rows, prefill in self.parts:
+            if index in rows:
+                return prefill.row(rows.index(index))
+        raise IndexError(f"row {index} is in no part of this batch")
 
 
 def _as_rgb(image: Any) -> Image.Image:
@@ -130,7 +143,7 @@ def run_batch(
     ``keep_prefill`` keeps the prompt's KV cache in ``record.prefill`` where the adapter allows reusing it
     (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill. ``prefix_cache``: questions
     about an image whose prompt prefix is kept there run only their own tokens (`prefix_sharing`; families with
-    `adapter.shareable_image_prefix`, without ``keep_prefill``); new prefixes are kept for later rows and calls."""
+    `adapter.shareable_image_prefix`); new prefixes are kept for later rows and calls."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     if not questions:
@@ -150,7 +163,7 @@ def run_batch(
     preprocess_s = time.perf_counter() - t0
     options = _PassOptions(resolve_layers(loaded.n_layers, layers), tuple(poolings), attentions, logit_lens,
                            max_new_tokens, normalization, keep_prefill)
-    if prefix_cache is None or keep_prefill or not adapter.shareable_image_prefix:
+    if prefix_cache is None or prefix_cache.max_bytes == 0 or not adapter.shareable_image_prefix:
         record = _run_pass(loaded, inputs, layout, options).record
     else:
         record = _run_sharing(loaded, inputs, layout, options, prefix_cache)
@@ -265,7 +278,12 @@ def _run_sharing(
         parts.append((rows, _run_pass(loaded, call.inputs, call.layout, options, shared=call.shared, past=call.cache).record))
 
     plan_calls(prefixes, prefix_cache, options.layers, run_full, run_shared)
-    return parts[0][1] if len(parts) == 1 else _merge_records(parts, len(prefixes))
+    if len(parts) == 1:
+        return parts[0][1]
+    merged = _merge_records(parts, len(prefixes))
+    if options.keep_prefill and all(record.prefill is not None for _, record in parts):
+        merged.prefill = PrefillParts([(rows, record.prefill) for rows, record in parts])
+    return merged
 
 
 def _merge_records(parts: list[tuple[list[int], BatchRecord]], n: int) -> BatchRecord:

@@ -220,6 +220,7 @@ class ReliabilityGate:
                 self.loaded, batch_images, batch_questions, layers=[self.layer], poolings=[self.pooling],
                 attentions=False, logit_lens=False, max_new_tokens=m.max_new_tokens, normalization=m.normalization,
                 keep_prefill=self.self_consistency is not None,  # gray-zone sampling starts from this prefill
+                prefix_cache=self.loaded.prefix_cache,  # a later question about the same image skips its prefix
             )
             t1 = time.perf_counter()
             states = record.states[self.pooling][:, 0, :]

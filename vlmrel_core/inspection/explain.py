@@ -57,7 +57,8 @@ def inspect_question(
     m = gate.config.monitor
     pooling = layer_probes.pooling if layer_probes is not None else gate.pooling
     record = run_batch(gate.loaded, [image], [question], layers=None, poolings=[pooling], attentions=True,
-                       logit_lens=pooling == "last_token", max_new_tokens=m.max_new_tokens, normalization=m.normalization)
+                       logit_lens=pooling == "last_token", max_new_tokens=m.max_new_tokens, normalization=m.normalization,
+                       prefix_cache=gate.loaded.prefix_cache)
     t2 = time.perf_counter()
     layers = record.layers
     scores = layer_probes.scores(record.states[pooling][0], layers) if layer_probes is not None else {}
