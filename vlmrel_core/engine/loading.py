@@ -45,6 +45,13 @@ class LoadedVLM:
     # question about an image runs only its own tokens; shared by every session using this model (thread-safe)
     prefix_cache: ImagePrefixCache = field(default_factory=lambda: ImagePrefixCache(configured_max_bytes()), repr=False)
 
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Greedy answers through `engine.greedy` (the same tokens as `generate`, without its per-call setup)."""
+        from vlmrel_core.engine.greedy import plain_greedy_supported
+
+        return plain_greedy_supported(self.model, self.adapter)
+
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)

@@ -19,6 +19,7 @@ from PIL import Image
 from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.capture import PrefixSums, SharedPrefix, TokenLayout, capture
+from vlmrel_core.engine.greedy import GreedyOutput, greedy_generate
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.prefix_sharing import (
@@ -201,15 +202,18 @@ def _run_pass(
     # inference_mode, not no_grad: no version counters or view tracking on any op (measurably less per-op overhead)
     with torch.inference_mode(), capture(model, adapter, layout, options.layers, options.poolings, options.attentions,
                                          shared=shared, prefix_sums=sums) as captured:
-        generated = model.generate(
-            **inputs,
-            **past_kwargs,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
+        if loaded.plain_greedy:  # generate's greedy result without its per-call setup (`engine.greedy`)
+            generated = greedy_generate(model, inputs, options.max_new_tokens, loaded.tokenizer.pad_token_id, past)
+        else:
+            generated = model.generate(
+                **inputs,
+                **past_kwargs,
+                max_new_tokens=options.max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=loaded.tokenizer.pad_token_id,
+            )
     t2 = time.perf_counter()
     prompt_length = inputs["input_ids"].shape[1]
     prefill = None
@@ -318,6 +322,8 @@ def _merge_records(parts: list[tuple[list[int], BatchRecord]], n: int) -> BatchR
 
 def _generated_cache(generated: Any) -> Any:
     """The generate output's KV cache (`cache` in newer transformers, `past_key_values` before)."""
+    if isinstance(generated, GreedyOutput):
+        return generated.cache
     cache = getattr(generated, "cache", None)
     return cache if cache is not None else getattr(generated, "past_key_values", None)
 

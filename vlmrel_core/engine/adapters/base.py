@@ -79,6 +79,9 @@ class VLMAdapter:
     # questions about one image may share the prompt's KV cache through the last image token (`prefix_sharing`):
     # causal attention, image features only in that prefix, positions independent of the later tokens
     shareable_image_prefix: ClassVar[bool] = False
+    # each decode step is a plain causal step (position ids from the attention mask, images only in the prefill,
+    # no per-step model state), so `engine.greedy` may decode instead of `generate`
+    plain_greedy_steps: ClassVar[bool] = False
 
     # --- model structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -21,6 +21,7 @@ class LlavaAdapter(VLMAdapter):
     final_norm_paths = ("model.language_model.norm", "language_model.model.norm", "model.language_model.model.norm")
     reusable_prefill = True
     shareable_image_prefix = True
+    plain_greedy_steps = True
 
     def format_prompt(self, processor: Any, question: str) -> str:
         if getattr(processor, "chat_template", None):
