@@ -41,10 +41,12 @@ def test_cache_is_lru_bounded_in_bytes_and_refuses_what_cannot_fit():
 
 
 def test_image_grouped_batches_put_first_questions_first_and_cover_every_row_once():
+    """Chunks of up to 2 images: their first questions, then their other questions; every row exactly once."""
     paths = ["a", "b", "a", "c", "b", "a", "d", "e"]
     samples = [SimpleNamespace(image_path=p) for p in paths]
-    batches = image_grouped_batches(samples, 2)
-    assert batches == [[0, 1], [2, 5], [4], [3, 6], [7]]
+    chunks = image_grouped_batches(samples, 2)
+    assert chunks == [[[0, 1], [2, 5], [4]], [[3, 6]], [[7]]]
+    batches = [b for chunk in chunks for b in chunk]
     assert sorted(i for b in batches for i in b) == list(range(len(paths)))
     assert all(len(b) <= 2 for b in batches)
 

@@ -20,7 +20,7 @@ from vlmrel_core.engine.answers import NormalizationMode, is_correct, normalize_
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
-from vlmrel_core.engine.prefix_sharing import ImagePrefixCache, image_grouped_batches
+from vlmrel_core.engine.prefix_sharing import ImagePrefixCache, configured_max_bytes, image_grouped_batches
 from vlmrel_core.engine.run import BatchRecord, run_batch
 from vlmrel_core.engine.parallel import DataParallel, rank_lock
 from vlmrel_core.engine.store import LOCK, CacheError, RunManifest, RunWriter, merge_rank_manifests, ensure_run_dir_free, run_lock
@@ -209,14 +209,14 @@ class _ShardWork:
     def run(self, writer: RunWriter, todo: Sequence[VQASample], completed: int, total: int, progress: Progress | None) -> None:
         report(progress, completed, total, "questions")
         sharing = self.share_image_prefix and self.loaded.adapter.shareable_image_prefix
-        prefix_cache = ImagePrefixCache() if sharing else None
+        prefix_cache = ImagePrefixCache(configured_max_bytes()) if sharing else None  # one chunk of images at a time
         for shard_start in range(0, len(todo), self.shard_size):
             shard_samples = todo[shard_start : shard_start + self.shard_size]
             shard_rows, tensor_parts, order = [], [], []
-            batches = (image_grouped_batches(shard_samples, self.batch_size) if sharing else
-                       [list(range(i, min(i + self.batch_size, len(shard_samples))))
-                        for i in range(0, len(shard_samples), self.batch_size)])
-            for indices in batches:
+            chunks = (image_grouped_batches(shard_samples, self.batch_size) if sharing else
+                      [[list(range(i, min(i + self.batch_size, len(shard_samples))))]
+                       for i in range(0, len(shard_samples), self.batch_size)])
+            for indices, last_of_chunk in ((b, j == len(c) - 1) for c in chunks for j, b in enumerate(c)):
                 batch = [shard_samples[i] for i in indices]
                 images = [s.load_image() for s in batch]
                 record = run_batch(
@@ -230,6 +230,8 @@ class _ShardWork:
                 shard_rows.extend(rows)
                 tensor_parts.append(_tensors_for_batch(record))
                 order.extend(indices)
+                if prefix_cache is not None and last_of_chunk:
+                    prefix_cache.clear()  # the chunk's images are done: their prefixes are not needed again
                 completed += len(batch)
                 report(progress, completed, total, f"shard {len(writer.manifest.shards) + 1}")
             in_order = np.argsort(np.asarray(order), kind="stable")  # rows and tensors back in the dataset's order

@@ -81,6 +81,11 @@ class ImagePrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
     def get(self, key: bytes, layers: Sequence[int]) -> CachedPrefix | None:
         """The kept prefix, if it has token sums for every layer asked (else the row runs in full and replaces it)."""
         with self._lock:
@@ -286,18 +291,18 @@ def plan_calls(
         pending = [row for row in pending if found[row] is None]
 
 
-def image_grouped_batches(samples: Sequence[Any], batch_size: int) -> list[list[int]]:
-    """Batches of sample indices that let questions share image prefixes: for each run of up to ``batch_size``
-    images (in order of first appearance), one batch of their first questions, then their other questions in
-    batches. Grouping reads `image_path` only as a hint: sharing itself is keyed on the processed pixels."""
+def image_grouped_batches(samples: Sequence[Any], batch_size: int) -> list[list[list[int]]]:
+    """Chunks of batches of sample indices that let questions share image prefixes: each chunk takes up to
+    ``batch_size`` images (in order of first appearance): one batch of their first questions, then their other
+    questions in batches. Once a chunk is done its prefixes are no longer needed (memory stays flat in the dataset
+    size). Grouping reads `image_path` only as a hint: sharing itself is keyed on the processed pixels."""
     by_image: dict[Any, list[int]] = {}
     for index, sample in enumerate(samples):
         by_image.setdefault(getattr(sample, "image_path", index), []).append(index)
     groups = list(by_image.values())
-    batches: list[list[int]] = []
+    chunks: list[list[list[int]]] = []
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        batches.append([group[0] for group in chunk])
         rest = [index for group in chunk for index in group[1:]]
-        batches.extend(rest[i : i + batch_size] for i in range(0, len(rest), batch_size))
-    return batches
+        chunks.append([[group[0] for group in chunk]] + [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)])
+    return chunks
