@@ -83,8 +83,9 @@ class _Accumulator:
 
 
 def _batch_pass(loaded: Any, batch: Sequence[VQASample], images: list[Image.Image], into: _Accumulator,
-                max_new_tokens: int, mean_index: int | None) -> None:
-    """One batch through `run_batch` (the full generate), its results appended to ``into``."""
+                max_new_tokens: int, mean_index: int | None, inputs: dict[str, Any] | None = None) -> None:
+    """One batch through `run_batch` (the full generate), its results appended to ``into`` (``inputs``: the
+    batch's model inputs, already built)."""
     if mean_index is not None:
         layers: list[int] | None = [mean_index]
         poolings: tuple[str, ...] = ("mean_all",)
@@ -93,7 +94,7 @@ def _batch_pass(loaded: Any, batch: Sequence[VQASample], images: list[Image.Imag
     if into.attentions:
         layers = None  # the attention map is averaged over every layer
     record = run_batch(loaded, images, [s.question for s in batch], layers=layers, poolings=poolings,
-                       attentions=into.attentions, logit_lens=False, max_new_tokens=max_new_tokens)
+                       attentions=into.attentions, logit_lens=False, max_new_tokens=max_new_tokens, inputs=inputs)
     into.answers += record.answer
     into.correct += [is_correct(a, s.label) for a, s in zip(record.answer, batch)]
     if into.attentions:
@@ -185,7 +186,7 @@ def run_conditions(
         if baseline is None:
             with record_prefill(loaded, kept, keep_outputs):
                 _batch_pass(loaded, batch, batch_images, into, max_new_tokens,
-                            layer_index if need_means else None)
+                            layer_index if need_means else None, kept.inputs)
             maps, grids = into.maps[start:stop], into.grids[start:stop]
         else:
             if keep_outputs:
@@ -228,9 +229,10 @@ def _fast_condition(
         masks = patch_masks(len(batch), maps, grids, mask_fraction, condition.which, rng)  # type: ignore[arg-type]
         pixels = grey_pixel_values(loaded, kept, images, masks)
         _, tokens = first_token_logits(loaded, {**kept.inputs, "pixel_values": pixels})
-        images = [grey_cells(image, mask) for image, mask in zip(images, masks)]
     answers = decided_answers(loaded, tokens)
     if any(answer is None for answer in answers):
+        if condition.which is not None:
+            images = [grey_cells(image, mask) for image, mask in zip(images, masks)]
         return evaluate_pass(loaded, batch, images, context, len(batch), max_new_tokens).correct.tolist()
     return [is_correct(loaded.adapter.normalize(a), s.label) for a, s in zip(answers, batch)]
 

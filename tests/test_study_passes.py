@@ -1,0 +1,61 @@
+"""The ablation study's fast path (kept inputs and prefill residuals per batch, first answer token) gives the same
+table as the full masked generate per condition, on the embedded late-fusion model (a word-level tokenizer)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlmrel_core.data.loader import load_vqa_jsonl
+from vlmrel_core.interventions import study, study_passes
+from vlmrel_core.interventions.study_passes import StudyCondition, run_conditions
+from vlmrel_core.samples.catalog import sample_catalog
+
+pytestmark = pytest.mark.slow
+SAMPLES = sample_catalog()
+N = 30
+
+
+@pytest.fixture(scope="module")
+def late():
+    from vlmrel_core.engine.loading import load_vlm
+
+    loaded = load_vlm(SAMPLES.model_dir("late_fusion"), attn_implementation="eager")
+    samples = load_vqa_jsonl(SAMPLES.dataset("adversarial"))[:N]
+    return loaded, samples, [s.load_image() for s in samples]
+
+
+def test_fast_study_table_equals_the_full_path(late):
+    """Every condition (top-k zero and mean with the baseline's means, random-k, random fraction, three masks) at a
+    middle layer, so the resumed pass runs later layers; batches of 8, the last one short."""
+    loaded, samples, images = late
+    weights = np.random.default_rng(0).normal(size=loaded.hidden_size)
+    options = dict(ks=(3,), modes=("zero", "mean"), random_fraction=0.5, mask_fraction=0.3, n_boot=200, seed=2,
+                   batch_size=8, images=images)
+    steps = []
+    fast = study.run_ablation_study(loaded, samples, 1, weights, fast=True, progress=lambda *a: steps.append(a), **options)
+    full = study.run_ablation_study(loaded, samples, 1, weights, fast=False, **options)
+    pd.testing.assert_frame_equal(fast, full)
+    assert (fast["ablated_acc"] != fast["baseline_acc"]).any()  # the conditions change answers
+    done = [s[0] for s in steps]
+    assert done == sorted(done) and steps[-1][:2] == (8, 8) and "batch 4 of 4" in steps[-2][2]
+
+
+def test_conditions_from_a_given_baseline_without_residuals_equal_the_full_path(late, monkeypatch):
+    """A shared baseline, given layer means, and a residual budget of 0 (dimension ablations as a hooked prefill);
+    a condition whose first tokens decide nothing (every dimension zeroed) falls back to the full pass, exactly."""
+    loaded, samples, images = late
+    hidden = loaded.hidden_size
+    means = np.random.default_rng(1).normal(size=hidden)
+    conditions = [StudyCondition((5, 9, 40), "mean"), StudyCondition(tuple(range(hidden)), "zero"),
+                  StudyCondition(which="random"), StudyCondition(which="high")]
+    base = study.ablation_baseline(loaded, samples, -1, images, attentions=True, batch_size=8)
+    options = dict(means=means, mask_fraction=0.4, seed=5, batch_size=8, max_new_tokens=8, baseline=base)
+    fallbacks = []
+    full_pass = study_passes.evaluate_pass
+    monkeypatch.setattr(study_passes, "evaluate_pass", lambda *a, **k: fallbacks.append(len(a[1])) or full_pass(*a, **k))
+    _, fast = run_conditions(loaded, samples, images, 3, conditions, fast=True, residual_budget=0, **options)
+    assert fallbacks, "every dimension zeroed should leave first tokens that decide nothing"
+    monkeypatch.setattr(study_passes, "evaluate_pass", full_pass)
+    _, full = run_conditions(loaded, samples, images, 3, conditions, fast=False, **options)
+    for got, expected in zip(fast, full):
+        np.testing.assert_array_equal(got, expected)
