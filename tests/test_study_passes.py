@@ -33,11 +33,14 @@ def test_fast_study_table_equals_the_full_path(late):
                    batch_size=8, images=images)
     steps = []
     fast = study.run_ablation_study(loaded, samples, 1, weights, fast=True, progress=lambda *a: steps.append(a), **options)
-    full = study.run_ablation_study(loaded, samples, 1, weights, fast=False, **options)
+    full_steps = []
+    full = study.run_ablation_study(loaded, samples, 1, weights, fast=False,
+                                    progress=lambda *a: full_steps.append(a), **options)
     pd.testing.assert_frame_equal(fast, full)
     assert (fast["ablated_acc"] != fast["baseline_acc"]).any()  # the conditions change answers
-    done = [s[0] for s in steps]
-    assert done == sorted(done) and steps[-1][:2] == (8, 8) and "batch 4 of 4" in steps[-2][2]
+    done = [s[0] for s in steps]  # batches of the 7 passes run together, then mean ablation by the baseline's means
+    assert done == sorted(done) and steps[-1] == (8, 8, "model: top_k k=3 mean") and "batch 4 of 4" in steps[-2][2]
+    assert [s[0] for s in full_steps] == list(range(9)) and full_steps[1][2] == "model: baseline"
 
 
 def test_conditions_from_a_given_baseline_without_residuals_equal_the_full_path(late, monkeypatch):
