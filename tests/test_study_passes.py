@@ -7,6 +7,7 @@ import pytest
 
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.interventions import study, study_passes
+from vlmrel_core.interventions.live_fast import prepare_batch, residual_bytes
 from vlmrel_core.interventions.study_passes import StudyCondition, run_conditions
 from vlmrel_core.samples.catalog import sample_catalog
 
@@ -43,9 +44,10 @@ def test_fast_study_table_equals_the_full_path(late):
     assert [s[0] for s in full_steps] == list(range(9)) and full_steps[1][2] == "model: baseline"
 
 
-def test_conditions_from_a_given_baseline_without_residuals_equal_the_full_path(late, monkeypatch):
-    """A shared baseline, given layer means, and a residual budget of 0 (dimension ablations as a hooked prefill);
-    a condition whose first tokens decide nothing (every dimension zeroed) falls back to the full pass, exactly."""
+def test_conditions_from_a_given_baseline_and_a_residual_budget_equal_the_full_path(late, monkeypatch):
+    """A shared baseline and given layer means; a residual budget that only the last, short batch fits (the others
+    run dimension ablations as a hooked prefill, it resumes with the mean values); a condition whose first tokens
+    decide nothing (every dimension zeroed) falls back to the batch's full pass: all equal the full path."""
     loaded, samples, images = late
     hidden = loaded.hidden_size
     means = np.random.default_rng(1).normal(size=hidden)
@@ -53,11 +55,19 @@ def test_conditions_from_a_given_baseline_without_residuals_equal_the_full_path(
                   StudyCondition(which="random"), StudyCondition(which="high")]
     base = study.ablation_baseline(loaded, samples, -1, images, attentions=True, batch_size=8)
     options = dict(means=means, mask_fraction=0.4, seed=5, batch_size=8, max_new_tokens=8, baseline=base)
-    fallbacks = []
-    full_pass = study_passes.evaluate_pass
-    monkeypatch.setattr(study_passes, "evaluate_pass", lambda *a, **k: fallbacks.append(len(a[1])) or full_pass(*a, **k))
-    _, fast = run_conditions(loaded, samples, images, 3, conditions, fast=True, residual_budget=0, **options)
-    assert fallbacks, "every dimension zeroed should leave first tokens that decide nothing"
+    last = prepare_batch(loaded, images[24:], [s.question for s in samples[24:]])
+    calls = {"full": 0, "resumed": 0}
+    full_pass, resumed = study_passes.evaluate_pass, study_passes.resumed_logits
+
+    def counted(name, function):
+        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or function(*a, **k)
+
+    monkeypatch.setattr(study_passes, "evaluate_pass", counted("full", full_pass))
+    monkeypatch.setattr(study_passes, "resumed_logits", counted("resumed", resumed))
+    _, fast = run_conditions(loaded, samples, images, 3, conditions, fast=True,
+                             residual_budget=residual_bytes(last, loaded), **options)
+    assert calls["full"], "every dimension zeroed should leave first tokens that decide nothing"
+    assert calls["resumed"] == 2  # the last batch's two dimension conditions
     monkeypatch.setattr(study_passes, "evaluate_pass", full_pass)
     _, full = run_conditions(loaded, samples, images, 3, conditions, fast=False, **options)
     for got, expected in zip(fast, full):

@@ -32,7 +32,7 @@ from vlmrel_core.data.loader import VQASample
 from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.engine.run import run_batch
-from vlmrel_core.interventions.ablation import DimensionAblation
+from vlmrel_core.interventions.ablation import DimensionAblation, replacement_values
 from vlmrel_core.interventions.live_fast import (
     DEFAULT_RESIDUAL_BUDGET_BYTES, KeptBatch, can_resume, decided_answers, first_token_logits, first_tokens,
     grey_pixel_values, prepare_batch, record_prefill, residual_bytes, resumed_logits, word_level_tokenizer,
@@ -163,6 +163,10 @@ def run_conditions(
     ``means``: the layer means of mean ablation (None: the baseline's own, which it then records). ``progress``
     gets ``done`` in [0, 1 + len(conditions)] passes over the questions. ``fast=False`` runs every condition as the
     full masked `generate`; the fast path (word-level tokenizers only) gives the same correctness."""
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attentions = any(c.which is not None for c in conditions)
     if means is None and baseline is not None:
         means = baseline.state_means
@@ -220,8 +224,9 @@ def _fast_condition(
         spec = _ablation(condition, layer_index, means)
         context = lambda: spec(loaded)  # noqa: E731
         if can_resume(loaded, kept):
-            values = np.asarray(means, dtype=np.float64)[list(condition.dims)] if condition.mode == "mean" else None
-            tokens = first_tokens(resumed_logits(loaded, kept, layer_index, np.asarray(condition.dims), values))
+            dims = np.asarray(condition.dims, dtype=np.int64)
+            values = replacement_values(spec.means, dims, int(loaded.hidden_size)) if condition.mode == "mean" else None
+            tokens = first_tokens(resumed_logits(loaded, kept, layer_index, dims, values))
         else:
             with spec(loaded):
                 _, tokens = first_token_logits(loaded, kept.inputs)
