@@ -18,7 +18,8 @@ computed has two paths with the same numbers:
 What that costs per batch: the unablated generate, one prefill per patch mask (the image changed, so the vision
 tower and every layer run again: the floor of this path), and for a dimension ablation only the layers after its
 own (at the last layer, as the README's probe: the final norm and unembedding). On the README's study (3 dimension
-conditions, 3 masks) that is about 4 prefills per question instead of 7 generates: 2.7x less CPU on 2,400 questions, same table.
+conditions, 3 masks) that is about 4 prefills per question instead of 7 generates: 2.7x less CPU on its 2,400
+questions (`benchmarks/bench_ablate.py --full`), same table.
 
 Mean ablation with the baseline's own layer means (no ``means`` given) needs every batch's unablated pass before
 its first ablated one, so those conditions take the full path after the batch loop.
