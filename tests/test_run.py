@@ -49,3 +49,17 @@ def test_bad_inputs_are_clear_errors(tiny_loaded):
         run_batch(loaded, [np.zeros((4, 4))], ["q?"])
     with pytest.raises(ValueError, match="empty batch"):
         run_batch(loaded, [], [])
+
+
+def test_prebuilt_inputs_give_the_same_record(tiny_loaded):
+    """``inputs`` built by `live_fast.prepare_batch` (the same processor call) skip processing, same results."""
+    from vlmrel_core.interventions.live_fast import prepare_batch
+
+    loaded = tiny_loaded["late_fusion"]
+    images = [render_scene(make_scene(i)) for i in range(3)]
+    inputs = prepare_batch(loaded, images, QUESTIONS[:3])
+    built, given = run_batch(loaded, images, QUESTIONS[:3]), run_batch(loaded, images, QUESTIONS[:3], inputs=inputs)
+    assert given.answer_text == built.answer_text
+    np.testing.assert_array_equal(given.states["last_token"], built.states["last_token"])
+    with pytest.raises(ValueError, match="inputs for 3 rows, 2 questions"):
+        run_batch(loaded, images[:2], QUESTIONS[:2], inputs=inputs)

@@ -78,9 +78,11 @@ def test_evaluate_accuracy_and_study_on_both_tiny_models(tiny_loaded, tiny_datas
     table = study.run_ablation_study(tiny_loaded, samples, {"late_fusion": -1, "early_fusion": 2}, weights, ks=(2,),
                                      modes=("zero", "mean"), n_boot=100, images=images,
                                      progress=lambda done, total, stage: calls.append((done, total, stage)))
-    # one step per pass: baseline, top_k x 2 modes, random_k, random_fraction, 3 masks = 8 per model
-    assert calls[0][0] == 0 and calls[-1][:2] == (16, 16) and [c[0] for c in calls] == list(range(17))
-    assert ("early_fusion: top_k k=2 mean" in {c[2] for c in calls}) and calls[1][2] == "late_fusion: baseline"
+    # passes: baseline, top_k x 2 modes, random_k, random_fraction, 3 masks = 8 per model; the fast path runs the
+    # batch's 7 together, then mean ablation with the baseline's own means (which needs every batch's baseline)
+    assert calls[0][0] == 0 and calls[-1][:2] == (16, 16) and [c[0] for c in calls] == [0, 7, 8, 15, 16]
+    assert ("early_fusion: top_k k=2 mean" in {c[2] for c in calls})
+    assert calls[1][2] == "late_fusion: batch 1 of 1, 7 passes"
     assert list(table.columns) == study.TABLE_COLUMNS
     assert set(table["model"]) == {"late_fusion", "early_fusion"}
     assert set(table["fusion"]) == {"late", "early"}

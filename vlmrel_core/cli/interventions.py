@@ -56,7 +56,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             random_fraction=args.random_fraction or None, modes=args.mode,
             mask_fraction=args.mask_fraction if masking else None, n_random_draws=args.random_draws,
             n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            progress=progress,
+            progress=progress, fast=not args.full_passes,
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +98,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attn-implementation", default="sdpa", help="used when --mask-fraction 0 (eager is forced otherwise)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--full-passes", action="store_true",
+                   help="run every condition as the full masked generate over all questions (slower; the default "
+                        "fast path starts each condition from the unablated pass's kept state and gives the same numbers)")
     p.set_defaults(func=_finish_defaults)
 
 

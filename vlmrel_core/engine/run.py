@@ -138,28 +138,34 @@ def run_batch(
     normalization: NormalizationMode = "lenient",
     keep_prefill: bool = False,
     prefix_cache: ImagePrefixCache | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> BatchRecord:
     """Greedy answers for a batch plus everything the probes, signals and gate need, from one generate call.
 
     ``keep_prefill`` keeps the prompt's KV cache in ``record.prefill`` where the adapter allows reusing it
     (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill. ``prefix_cache``: questions
     about an image whose prompt prefix is kept there run only their own tokens (`prefix_sharing`; families with
-    `adapter.shareable_image_prefix`); new prefixes are kept for later rows and calls."""
+    `adapter.shareable_image_prefix`); new prefixes are kept for later rows and calls. ``inputs``: this batch's model
+    inputs already built from these images and questions (`interventions.live_fast.prepare_batch`: the same
+    validation, prompt and processor call), which are then not built again."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     if not questions:
         raise ValueError("empty batch")
     adapter, model = loaded.adapter, loaded.model
     t0 = time.perf_counter()
-    rgb_images = [_as_rgb(i) for i in images]
-    max_tokens = question_token_limit(loaded)
-    with loaded.processor_lock:
-        # user text is validated and its special-token strings neutralised: it is only ever read as text
-        prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
-        inputs = adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    if inputs is None:
+        rgb_images = [_as_rgb(i) for i in images]
+        max_tokens = question_token_limit(loaded)
+        with loaded.processor_lock:
+            # user text is validated and its special-token strings neutralised: it is only ever read as text
+            prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
+            inputs = adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
+        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    elif inputs["input_ids"].shape[0] != len(questions):
+        raise ValueError(f"inputs for {inputs['input_ids'].shape[0]} rows, {len(questions)} questions")
     layout = TokenLayout.from_inputs(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
     preprocess_s = time.perf_counter() - t0
     options = _PassOptions(resolve_layers(loaded.n_layers, layers), tuple(poolings), attentions, logit_lens,

@@ -94,6 +94,10 @@ def _check_means(means: Any, dims: np.ndarray, hidden_size: int) -> np.ndarray:
     raise ValueError(f"means has {values.shape[0]} values; expected {hidden_size} (one per dimension) or {dims.shape[0]} (one per ablated dim)")
 
 
+#: The replacement values of a mean ablation, aligned with its dims (`study_passes` resumes with them).
+replacement_values = _check_means
+
+
 def _hidden_size(loaded: Any) -> int:
     return int(loaded.hidden_size)
 

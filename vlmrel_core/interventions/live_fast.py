@@ -1,12 +1,13 @@
-"""Fast masked passes for the live-masking sliders: what a slider change does not alter is kept from the unmasked
-pass and not computed again, so a change costs ≤ 2 s for 300 questions on both embedded models.
+"""Fast masked passes for the live-masking sliders and the ablation study (`study_passes`): what a mask does not
+alter is kept from the unmasked pass and not computed again, so a slider change costs ≤ 2 s for 300 questions on
+both embedded models, and a study condition a fraction of a full pass.
 
 What is kept per batch of the unmasked pass (`record_prefill` around its `run_batch`, plus `prepare_batch`):
 - the processor's outputs (input_ids, attention mask, pixel_values, ...): a change never re-processes the images;
 - each decoder layer's prefill output (the residual stream) and the keyword arguments the model passed to each
   layer (attention mask, rotary embeddings, ...), up to a memory budget.
 
-Then one slider position costs:
+Then one slider position (or study condition) costs:
 - dimensions zeroed at layer L only: the kept output of layer L with those dimensions zeroed (exactly what
   `ablation.DimensionAblation`'s hook does to the layer's output) runs through layers L+1.. with their kept
   arguments, then the final norm and unembedding at the answer position. Nothing before L can change, so nothing
@@ -114,13 +115,20 @@ def can_resume(loaded: Any, kept: KeptBatch) -> bool:
     return bool(kept.layer_outputs) and not _softcap(loaded)
 
 
-def resumed_logits(loaded: Any, kept: KeptBatch, layer: int, dims: np.ndarray) -> torch.Tensor:
-    """First-answer-token logits (b, V) with ``dims`` of decoder layer ``layer``'s output zeroed: the kept output,
-    zeroed, through the later layers only. Equals the hooked full prefill (`ablate_dimensions`, mode zero)."""
+def resumed_logits(
+    loaded: Any, kept: KeptBatch, layer: int, dims: np.ndarray, values: np.ndarray | None = None
+) -> torch.Tensor:
+    """First-answer-token logits (b, V) with ``dims`` of decoder layer ``layer``'s output zeroed (or set to
+    ``values``, one per entry of ``dims``: mean ablation): the kept output, so changed, through the later layers only.
+    Equals the hooked full prefill (`ablate_dimensions`, mode zero or mean)."""
     layers = loaded.adapter.decoder_layers(loaded.model)
     (index,) = resolve_layers(len(layers), [layer])
     hidden = kept.layer_outputs[index].clone()
-    hidden[..., torch.from_numpy(np.asarray(dims, dtype=np.int64)).to(hidden.device)] = 0
+    where = torch.from_numpy(np.asarray(dims, dtype=np.int64)).to(hidden.device)
+    if values is None:
+        hidden[..., where] = 0
+    else:  # as the ablation hook: float64 values cast to the stream's dtype
+        hidden[..., where] = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(hidden.device, hidden.dtype)
     with torch.inference_mode():
         for later in range(index + 1, len(layers)):
             output = layers[later](hidden, **kept.layer_kwargs[later])

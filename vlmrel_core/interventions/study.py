@@ -7,9 +7,6 @@ model or several side by side and returns one tidy table (`TABLE_COLUMNS`; the C
 
 from __future__ import annotations
 
-import itertools
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
@@ -18,13 +15,12 @@ from PIL import Image
 
 from vlmrel_core.analysis.metrics import bootstrap_replicates, percentile_interval
 from vlmrel_core.data.loader import VQASample
-from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.layers import resolve_layers
-from vlmrel_core.engine.run import run_batch
 from vlmrel_core.interventions.ablation import (
     ABLATION_MODES, DimensionAblation, random_dimensions, top_k_dimensions,
 )
-from vlmrel_core.interventions.masking import MASK_WHICH, attention_grids, mask_image_patches
+from vlmrel_core.interventions.masking import MASK_WHICH
+from vlmrel_core.interventions.study_passes import AblationBaseline, StudyCondition, evaluate_pass, run_conditions
 from vlmrel_core.progress import Progress, report
 
 UNTYPED = "untyped"
@@ -33,71 +29,8 @@ UNTYPED = "untyped"
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-@dataclass
-class AblationBaseline:
-    """One pass over the samples: correctness and answers, plus what the unablated pass also records."""
-
-    correct: np.ndarray  # (n,) bool
-    answers: list[str]
-    attention_maps: list[np.ndarray] | None = None
-    grids: list[tuple[int, int]] | None = None
-    state_means: np.ndarray | None = None  # (d,) mean over samples of the layer's mean over real positions
-
-
 def _question_type(sample: VQASample) -> str:
     return str(sample.metadata.get("question_type", UNTYPED))
-
-
-def _evaluate(
-    loaded: Any,
-    samples: Sequence[VQASample],
-    images: Sequence[Image.Image] | None,
-    context: Callable[[], ContextManager[None]] | None,
-    batch_size: int,
-    max_new_tokens: int,
-    attentions: bool = False,
-    mean_layer: int | None = None,
-) -> AblationBaseline:
-    if not samples:
-        raise ValueError("no samples to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if images is not None and len(images) != len(samples):
-        raise ValueError(f"{len(images)} images for {len(samples)} samples")
-    if mean_layer is not None:
-        mean_index = resolve_layers(loaded.n_layers, [mean_layer])[0]
-        layers: list[int] | None = [mean_index]
-        poolings: tuple[str, ...] = ("mean_all",)
-    else:
-        layers, poolings = [-1], ("last_token",)
-    if attentions:
-        layers = None  # the attention map is averaged over every layer
-        poolings = ("mean_all",) if mean_layer is not None else ("last_token",)
-    correct, answers, maps, grids = [], [], [], []
-    state_sum, n_states = None, 0
-    with context() if context is not None else nullcontext():
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            batch_images = list(images[start : start + batch_size]) if images is not None else [s.load_image() for s in batch]
-            record = run_batch(loaded, batch_images, [s.question for s in batch], layers=layers, poolings=poolings,
-                               attentions=attentions, logit_lens=False, max_new_tokens=max_new_tokens)
-            answers += record.answer
-            correct += [is_correct(a, s.label) for a, s in zip(record.answer, batch)]
-            if attentions:
-                maps += attention_grids(record.attentions, record.image_grids)
-                grids += record.image_grids
-            if mean_layer is not None:
-                position = record.layers.index(mean_index)
-                states = record.states["mean_all"][:, position].astype(np.float64)
-                state_sum = states.sum(axis=0) if state_sum is None else state_sum + states.sum(axis=0)
-                n_states += states.shape[0]
-    return AblationBaseline(
-        correct=np.asarray(correct, dtype=bool),
-        answers=answers,
-        attention_maps=maps if attentions else None,
-        grids=grids if attentions else None,
-        state_means=state_sum / n_states if state_sum is not None else None,
-    )
 
 
 def _as_context(loaded: Any, intervention: Any) -> Callable[[], ContextManager[None]] | None:
@@ -124,7 +57,7 @@ def evaluate_accuracy(
     layer's last token, no attentions and no logit lens. Pass ``images`` (pre-loaded or masked) to skip reading
     PNGs; correctness is `extract.is_correct` on the lenient-normalised answer, as in the extraction cache.
     """
-    return _evaluate(loaded, samples, images, _as_context(loaded, intervention), batch_size, max_new_tokens).correct
+    return evaluate_pass(loaded, samples, images, _as_context(loaded, intervention), batch_size, max_new_tokens).correct
 
 
 def layer_means(
@@ -136,7 +69,7 @@ def layer_means(
 ) -> np.ndarray:
     """(hidden_size,) mean of decoder layer ``layer``'s output: mean over each sample's real positions, then over
     samples (the replacement values of mean ablation)."""
-    result = _evaluate(loaded, samples, images, None, batch_size, max_new_tokens=1, mean_layer=layer)
+    result = evaluate_pass(loaded, samples, images, None, batch_size, max_new_tokens=1, mean_layer=layer)
     return result.state_means
 
 
@@ -234,6 +167,7 @@ def run_ablation_study(
     images: Sequence[Image.Image] | None = None,
     progress: Progress | None = None,
     baselines: Mapping[str, AblationBaseline] | None = None,
+    fast: bool = True,
 ) -> pd.DataFrame:
     """Accuracy change vs the unablated run for every intervention, as one tidy table.
 
@@ -244,11 +178,16 @@ def run_ablation_study(
     ``mask_high`` / ``mask_low`` / ``mask_random`` (grey ``mask_fraction`` of the patches by the answer position's
     layer-averaged attention; needs eager attention; None to skip). Mean ablation uses ``means`` or, if absent,
     the layer's mean over these samples from the baseline pass. Rows: one "all" and one per question type.
-    ``progress`` gets one step per pass over the samples, staged "<model>: baseline", "<model>: top_k k=5 zero"....
+    ``progress`` counts passes over the samples (baseline + one per condition, per model), staged
+    "<model>: baseline", "<model>: top_k k=5 zero"... (``fast``: "<model>: batch 3 of 75, 7 passes").
 
     The unablated pass runs once per model and every condition is paired with it. ``baselines`` (model name ->
     `ablation_baseline` of the same samples, images, batch size and max_new_tokens) shares it across calls too, e.g.
     one call per k or per batch of conditions: that model's baseline pass is then skipped.
+
+    ``fast`` (word-level tokenizers, e.g. the embedded models): each batch's conditions start from what its unablated
+    pass kept and read the answer's first token (`study_passes`); the correctness, and so the table, equals the
+    full masked `generate` per condition (``fast=False``).
     """
     models = dict(loaded) if isinstance(loaded, Mapping) else {"model": loaded}
     names = list(models)
@@ -263,12 +202,10 @@ def run_ablation_study(
     if random_fraction is not None and not 0.0 < random_fraction <= 1.0:
         raise ValueError(f"random_fraction must be in (0, 1], got {random_fraction}")
     samples = list(samples)
-    if images is None:
-        images = [s.load_image() for s in samples]
+    images = list(images) if images is not None else [s.load_image() for s in samples]
     types = [_question_type(s) for s in samples]
     frames = []
     passes = 1 + len(ks) * (len(modes) + n_random_draws) + (random_fraction is not None) + 3 * (mask_fraction is not None)
-    done = itertools.count(1)
     total = passes * len(names)
     report(progress, 0, total, f"{names[0]}: baseline")
     for m_index, name in enumerate(names):
@@ -280,56 +217,43 @@ def run_ablation_study(
             raise ValueError(f"{name}: {w.shape[0]} probe weights for hidden size {hidden}")
         for k in ks:
             top_k_dimensions(w, k)  # validate every k before the expensive passes
-        need_means = "mean" in modes and mean_map[name] is None
         given = (baselines or {}).get(name)
         if given is not None:
-            _check_baseline(given, name, len(samples), mask_fraction is not None, need_means)
-            base = given
-        else:
-            base = ablation_baseline(model, samples, layer_index, images, attentions=mask_fraction is not None,
-                                     means=need_means, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        layer_mean = mean_map[name] if mean_map[name] is not None else base.state_means
-        report(progress, next(done), total, f"{name}: baseline")
-        fusion = getattr(model.adapter, "fusion", "")
-
-        def add(condition: str, mode: str, correct: np.ndarray, k: int | None, n_dims: int | None,
-                fraction: float | None, draw: int | None, at_layer: int | None, salt: int) -> None:
-            effect = ablation_effect(base.correct, correct, types, n_boot=n_boot, seed=seed * 1_000_003 + salt)
-            effect.insert(0, "draw", draw)
-            effect.insert(0, "fraction", fraction)
-            effect.insert(0, "n_dims", n_dims)
-            effect.insert(0, "k", k)
-            effect.insert(0, "mode", mode)
-            effect.insert(0, "condition", condition)
-            effect.insert(0, "layer", at_layer)
-            effect.insert(0, "fusion", fusion)
-            effect.insert(0, "model", name)
-            frames.append(effect)
-            stage = " ".join(str(part) for part in (condition, f"k={k}" if k is not None else "", mode) if part)
-            report(progress, next(done), total, f"{name}: {stage}")
-
-        def ablated(dims: np.ndarray, mode: str) -> np.ndarray:
-            spec = DimensionAblation(layer_index, tuple(int(d) for d in dims), mode,
-                                     tuple(float(v) for v in np.asarray(layer_mean)) if mode == "mean" else None)
-            return _evaluate(model, samples, images, lambda: spec(model), batch_size, max_new_tokens).correct
-
-        salt = itertools.count(m_index * 10_000)
+            _check_baseline(given, name, len(samples), mask_fraction is not None,
+                            "mean" in modes and mean_map[name] is None)
+        # (condition, its table keys: condition, mode, k, n_dims, fraction, draw, layer), in the table's order
+        rows: list[tuple[StudyCondition, tuple[Any, ...]]] = []
         for k in ks:
             top = top_k_dimensions(w, k)
             for mode in modes:
-                add("top_k", mode, ablated(top, mode), int(k), int(k), None, None, layer_index, next(salt))
+                rows.append((_dims(top, mode, f"top_k k={k} {mode}"), ("top_k", mode, int(k), int(k), None, None, layer_index)))
             for draw in range(n_random_draws):
                 dims = random_dimensions(hidden, k=int(k), seed=seed + 7919 * draw + 1, exclude=top)
-                add("random_k", "zero", ablated(dims, "zero"), int(k), int(k), None, draw, layer_index, next(salt))
+                rows.append((_dims(dims, "zero", f"random_k k={k} zero"), ("random_k", "zero", int(k), int(k), None, draw, layer_index)))
         if random_fraction is not None:
             dims = random_dimensions(hidden, fraction=random_fraction, seed=seed + 104729)
-            add("random_fraction", "zero", ablated(dims, "zero"), None, int(dims.size), float(random_fraction), None,
-                layer_index, next(salt))
+            rows.append((_dims(dims, "zero", "random_fraction zero"),
+                         ("random_fraction", "zero", None, int(dims.size), float(random_fraction), None, layer_index)))
         if mask_fraction is not None:
             for which in MASK_WHICH:
-                masked, _ = mask_image_patches(images, base.attention_maps, base.grids, mask_fraction, which, seed=seed)
-                correct = _evaluate(model, samples, masked, None, batch_size, max_new_tokens).correct
-                add(f"mask_{which}", "grey", correct, None, None, float(mask_fraction), None, None, next(salt))
+                rows.append((StudyCondition(which=which, label=f"mask_{which} grey"),
+                             (f"mask_{which}", "grey", None, None, float(mask_fraction), None, None)))
+
+        def step(done: int, _total: int, stage: str = "", offset: int = m_index * passes, model_name: str = name) -> None:
+            report(progress, offset + done, total, f"{model_name}: {stage}")
+
+        base, correct = run_conditions(
+            model, samples, images, layer_index, [condition for condition, _ in rows], means=mean_map[name],
+            mask_fraction=mask_fraction, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            baseline=given, fast=fast, progress=step)
+        fusion = getattr(model.adapter, "fusion", "")
+        for salt, ((_, keys), ablated) in enumerate(zip(rows, correct), start=m_index * 10_000):
+            effect = ablation_effect(base.correct, ablated, types, n_boot=n_boot, seed=seed * 1_000_003 + salt)
+            for column, value in reversed(list(zip(("condition", "mode", "k", "n_dims", "fraction", "draw", "layer"), keys))):
+                effect.insert(0, column, value)
+            effect.insert(0, "fusion", fusion)
+            effect.insert(0, "model", name)
+            frames.append(effect)
     table = pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
     for column in ("layer", "k", "n_dims", "draw"):
         table[column] = table[column].astype("Int64")
@@ -353,8 +277,12 @@ def ablation_baseline(
     layer ``layer``'s mean state for mean ablation. Compute it once and pass it as ``baselines`` to share it."""
     (layer_index,) = resolve_layers(loaded.n_layers, [layer])
     images = list(images) if images is not None else [s.load_image() for s in samples]
-    return _evaluate(loaded, samples, images, None, batch_size, max_new_tokens, attentions=attentions,
-                     mean_layer=layer_index if means else None)
+    return evaluate_pass(loaded, samples, images, None, batch_size, max_new_tokens, attentions=attentions,
+                         mean_layer=layer_index if means else None)
+
+
+def _dims(dims: np.ndarray, mode: str, label: str) -> StudyCondition:
+    return StudyCondition(dims=tuple(int(d) for d in dims), mode=mode, label=label)
 
 
 def _check_baseline(base: AblationBaseline, name: str, n: int, attentions: bool, means: bool) -> None:
