@@ -84,3 +84,22 @@ def test_other_inputs_go_through_sklearn_itself(probe_data):
         warnings.simplefilter("ignore", ConvergenceWarning)
         assert same_fit(LogisticRegression(C=1.0, l1_ratio=1.0, solver="saga", max_iter=50, random_state=0).fit(X, y),
                         fit_logistic(l1.set_params(random_state=0), X, y))
+
+
+def test_lbfgsb_driver_equals_scipy_minimize():
+    from scipy import optimize
+
+    from vlmrel_core.analysis.logistic_fit import minimize_lbfgsb, mirrors_scipy
+
+    assert mirrors_scipy(), "minimize_lbfgsb would silently use scipy.optimize.minimize: update MIRRORED_SCIPY"
+
+    def rosenbrock(x, scale):
+        return float(optimize.rosen(x) * scale), optimize.rosen_der(x) * scale
+
+    for x0, maxiter in ((np.full(6, -1.2), 15000), (np.linspace(-2, 2, 9), 7), (np.zeros(3), 15000)):
+        options = dict(maxiter=maxiter, maxls=50, gtol=1e-6, ftol=64 * np.finfo(float).eps)
+        reference = optimize.minimize(rosenbrock, x0, args=(2.0,), method="L-BFGS-B", jac=True, options=options)
+        got = minimize_lbfgsb(rosenbrock, x0, (2.0,), **options)
+        np.testing.assert_array_equal(got.x, reference.x)
+        assert (got.fun, got.nit, got.nfev, got.status, got.message) == (
+            reference.fun, reference.nit, reference.nfev, reference.status, reference.message)

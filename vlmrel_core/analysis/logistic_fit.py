@@ -14,6 +14,7 @@ internals this mirrors untested, goes through `LogisticRegression.fit` itself.
 from __future__ import annotations
 
 import numpy as np
+import scipy
 import sklearn
 from scipy import optimize
 from sklearn.linear_model import LogisticRegression
@@ -25,9 +26,16 @@ try:  # private scikit-learn pieces, used so the loss and the stopping rule stay
     from sklearn.utils.optimize import _check_optimize_result
 except ImportError:  # pragma: no cover - another scikit-learn layout: always use LogisticRegression.fit
     HalfBinomialLoss = None
+try:  # scipy's L-BFGS-B kernel and its messages, driven below as `_minimize_lbfgsb` drives them
+    from scipy.optimize import _lbfgsb
+    from scipy.optimize._lbfgsb_py import status_messages, task_messages
+except ImportError:  # pragma: no cover - another scipy layout: use scipy.optimize.minimize
+    _lbfgsb = None
 
 #: scikit-learn minor versions whose lbfgs path this module mirrors (checked bit for bit by the tests).
 MIRRORED_SKLEARN = ("1.9",)
+#: scipy minor versions whose `_minimize_lbfgsb` loop `minimize_lbfgsb` mirrors (checked by the tests).
+MIRRORED_SCIPY = ("1.17",)
 _DEFAULTS = dict(penalty="deprecated", dual=False, tol=1e-4, fit_intercept=True, intercept_scaling=1,
                  class_weight=None, solver="lbfgs", l1_ratio=0.0, verbose=0, n_jobs=None)
 
@@ -35,6 +43,55 @@ _DEFAULTS = dict(penalty="deprecated", dual=False, tol=1e-4, fit_intercept=True,
 def mirrors_sklearn() -> bool:
     """Whether this scikit-learn is one whose lbfgs path `fit_logistic` reproduces exactly."""
     return HalfBinomialLoss is not None and sklearn.__version__.startswith(tuple(v + "." for v in MIRRORED_SKLEARN))
+
+
+def mirrors_scipy() -> bool:
+    """Whether this scipy is one whose L-BFGS-B driver loop `minimize_lbfgsb` reproduces exactly."""
+    return _lbfgsb is not None and scipy.__version__.startswith(tuple(v + "." for v in MIRRORED_SCIPY))
+
+
+def minimize_lbfgsb(fun, x0: np.ndarray, args: tuple, *, maxiter: int, maxls: int, gtol: float, ftol: float,
+                    maxcor: int = 10, maxfun: int = 15000) -> optimize.OptimizeResult:
+    """``scipy.optimize.minimize(fun, x0, args, method="L-BFGS-B", jac=True, options=...)`` without bounds or
+    callback: scipy 1.17's `_minimize_lbfgsb` loop over the same `setulb` kernel, with the function evaluated
+    once per new point as its `ScalarFunction` / `MemoizeJac` wrappers do, minus their per-step bookkeeping."""
+    if not mirrors_scipy():
+        return optimize.minimize(fun, x0, args=args, method="L-BFGS-B", jac=True, options={
+            "maxiter": maxiter, "maxls": maxls, "gtol": gtol, "ftol": ftol, "maxcor": maxcor, "maxfun": maxfun})
+    x0 = np.asarray(x0).ravel()
+    n = x0.size
+    m, factr = maxcor, ftol / np.finfo(float).eps
+    evaluated_x = x0.astype(np.float64)  # ScalarFunction evaluates the start point when it is built
+    evaluated_f, evaluated_g = fun(np.copy(evaluated_x), *args)
+    nfev = 1
+    nbd, low_bnd, upper_bnd = np.zeros(n, np.int32), np.zeros(n, np.float64), np.zeros(n, np.float64)
+    x, f, g = np.array(x0, dtype=np.float64), np.array(0.0, dtype=np.float64), np.zeros((n,), dtype=np.float64)
+    wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, np.float64)
+    iwa, task, ln_task = np.zeros(3 * n, dtype=np.int32), np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)
+    lsave, isave, dsave = np.zeros(4, dtype=np.int32), np.zeros(44, dtype=np.int32), np.zeros(29, dtype=np.float64)
+    n_iterations = 0
+    while True:
+        g = g.astype(np.float64)
+        _lbfgsb.setulb(m, x, low_bnd, upper_bnd, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, maxls,
+                       ln_task)
+        if task[0] == 3:  # evaluate f and g at x
+            if not np.array_equal(x, evaluated_x):
+                evaluated_x = x.astype(np.float64)
+                evaluated_f, evaluated_g = fun(np.copy(evaluated_x), *args)
+                nfev += 1
+            f, g = evaluated_f, evaluated_g
+        elif task[0] == 1:  # a new iterate
+            n_iterations += 1
+            if n_iterations >= maxiter:
+                task[0], task[1] = 5, 504
+            elif nfev > maxfun:
+                task[0], task[1] = 5, 502
+        else:
+            break
+    warnflag = 0 if task[0] == 4 else (1 if nfev > maxfun or n_iterations >= maxiter else 2)
+    return optimize.OptimizeResult(fun=f, jac=g, nfev=nfev, njev=nfev, nit=n_iterations, status=warnflag,
+                                   message=status_messages[task[0]] + ": " + task_messages[task[1]], x=x,
+                                   success=warnflag == 0)
 
 
 def _supported(model: LogisticRegression) -> bool:
@@ -76,12 +133,11 @@ def fit_logistic(model: LogisticRegression, X: np.ndarray, y: np.ndarray) -> Log
     target = np.ones(y.shape, dtype=np.float64)
     target[~(y == classes[1])] = 0.0
     max_iter = int(model.max_iter)
-    result = optimize.minimize(
-        _loss_gradient, w0, method="L-BFGS-B", jac=True,
-        args=(X, target, 1.0 / (float(model.C) * n_samples), HalfBinomialLoss().closs),
-        options={"maxiter": max_iter, "maxls": 50, "gtol": model.tol, "ftol": 64 * np.finfo(float).eps,
-                 **_get_additional_lbfgs_options_dict("iprint", -1)},
-    )
+    if _get_additional_lbfgs_options_dict("iprint", -1):  # pragma: no cover - scipy < 1.15 (not mirrored)
+        return model.fit(X, y)
+    result = minimize_lbfgsb(_loss_gradient, w0, (X, target, 1.0 / (float(model.C) * n_samples),
+                                                  HalfBinomialLoss().closs),
+                             maxiter=max_iter, maxls=50, gtol=model.tol, ftol=64 * np.finfo(float).eps)
     n_iter = _check_optimize_result("lbfgs", result, max_iter, extra_warning_msg=_LOGISTIC_SOLVER_CONVERGENCE_MSG)
     coef = result.x.copy(order="K")
     model.classes_ = classes
