@@ -50,7 +50,7 @@ def test_equal_groups_tie_break_like_sklearn():
 
 @pytest.mark.parametrize("grouping", ["image", "item"])
 def test_shipped_run_splits_match_sklearn(grouping):
-    rows = RunReader(sample_catalog().run_dir("late_fusion", "adversarial")).rows
+    rows = RunReader(sample_catalog().run_dir("late_fusion", "random")).rows
     y, groups = labels_of(rows), group_keys(rows, grouping)
     k = int(min(20, np.unique(groups).size))
     assert_same(y, groups, k, 0)

@@ -2,7 +2,7 @@
 
 Why built here and written in `report_io`: the report is the product's scientific claim, so it is built headless
 from extraction runs with fixed seeds, every number held-out and every comparison carrying its CI; the dashboard
-only reads what `report_io.write_report` writes. Per-layer signal extraction lives in `layer_signals`, table
+only reads what `report_io.write_report` writes. Raw and per-layer signal scoring live in `layer_signals`, table
 formatting in `tables`.
 
 Conventions (stated again in every written report):
