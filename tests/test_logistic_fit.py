@@ -73,10 +73,21 @@ def test_probe_pipeline_equals_the_sklearn_pipeline(probe_data):
     np.testing.assert_array_equal(reference.predict_proba(X), fast.predict_proba(X))
 
 
+def test_float32_states_fit_in_float32_as_sklearn_does(probe_data):
+    X, y = probe_data
+    X32 = (X * 2.0 + 0.5).astype(np.float32)  # the controls fit raw float32 states (shuffled labels, out-of-fold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for C in (0.01, 1.0, 100.0):
+            reference = LogisticRegression(C=C, max_iter=MAX_ITER).fit(X32, y)
+            fast = fit_logistic(LogisticRegression(C=C, max_iter=MAX_ITER), X32, y)
+            assert same_fit(reference, fast) and fast.coef_.dtype == np.float32, C
+        reference, fast = make_probe_pipeline(10.0).fit(X32, y), fit_probe_pipeline(10.0, X32, y)
+    np.testing.assert_array_equal(reference.predict_proba(X32), fast.predict_proba(X32))
+
+
 def test_other_inputs_go_through_sklearn_itself(probe_data):
     X, y = probe_data
-    X32 = X.astype(np.float32)  # float32 keeps sklearn's own float32 path
-    assert same_fit(LogisticRegression(C=1.0).fit(X32, y), fit_logistic(LogisticRegression(C=1.0), X32, y))
     with pytest.raises(ValueError, match="only one"):  # one class: sklearn's own error
         fit_logistic(LogisticRegression(), X, np.zeros_like(y))
     l1 = LogisticRegression(C=1.0, l1_ratio=1.0, solver="saga", max_iter=50)

@@ -63,7 +63,8 @@ def minimize_lbfgsb(fun, x0: np.ndarray, args: tuple, *, maxiter: int, maxls: in
     x0 = np.asarray(x0).ravel()
     n = x0.size
     m, factr = maxcor, ftol / np.finfo(float).eps
-    evaluated_x = x0.astype(np.float64)  # ScalarFunction evaluates the start point when it is built
+    x_dtype = x0.dtype if np.issubdtype(x0.dtype, np.floating) else np.float64  # ScalarFunction: fun sees this dtype
+    evaluated_x = x0.astype(x_dtype)  # ScalarFunction evaluates the start point when it is built
     evaluated_f, evaluated_g = fun(np.copy(evaluated_x), *args)
     nfev = 1
     nbd, low_bnd, upper_bnd = np.zeros(n, np.int32), np.zeros(n, np.float64), np.zeros(n, np.float64)
@@ -78,7 +79,7 @@ def minimize_lbfgsb(fun, x0: np.ndarray, args: tuple, *, maxiter: int, maxls: in
                        ln_task)
         if task[0] == 3:  # evaluate f and g at x
             if not np.array_equal(x, evaluated_x):
-                evaluated_x = x.astype(np.float64)
+                evaluated_x = x.astype(x_dtype)
                 evaluated_f, evaluated_g = fun(np.copy(evaluated_x), *args)
                 nfev += 1
             f, g = evaluated_f, evaluated_g
@@ -125,14 +126,14 @@ def fit_logistic(model: LogisticRegression, X: np.ndarray, y: np.ndarray) -> Log
     y = np.asarray(y)
     classes = np.unique(y)
     if (not _supported(model) or X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0] or classes.size != 2
-            or X.dtype != np.float64 or not np.isfinite(X).all()):
+            or X.dtype not in (np.float64, np.float32) or not np.isfinite(X).all()):
         return model.fit(X, y)
-    X = np.ascontiguousarray(X)
+    X = np.ascontiguousarray(X)  # float32 stays float32, as in scikit-learn (loss and gradient in float32)
     n_samples, n_features = X.shape
-    w0 = np.zeros(n_features + 1, dtype=np.float64)
+    w0 = np.zeros(n_features + 1, dtype=X.dtype)
     if model.warm_start and getattr(model, "coef_", None) is not None:
         w0[:] = np.concatenate([model.coef_, model.intercept_[:, None]], axis=1)[0]
-    target = np.ones(y.shape, dtype=np.float64)
+    target = np.ones(y.shape, dtype=X.dtype)
     target[~(y == classes[1])] = 0.0
     max_iter = int(model.max_iter)
     if _get_additional_lbfgs_options_dict("iprint", -1):  # pragma: no cover - scipy < 1.15 (not mirrored)
@@ -141,7 +142,7 @@ def fit_logistic(model: LogisticRegression, X: np.ndarray, y: np.ndarray) -> Log
                                                   HalfBinomialLoss().closs),
                              maxiter=max_iter, maxls=50, gtol=model.tol, ftol=64 * np.finfo(float).eps)
     n_iter = _check_optimize_result("lbfgs", result, max_iter, extra_warning_msg=_LOGISTIC_SOLVER_CONVERGENCE_MSG)
-    coef = result.x.copy(order="K")
+    coef = np.asarray(result.x.copy(order="K"), dtype=X.dtype)
     model.classes_ = classes
     model.n_features_in_ = n_features
     model.n_iter_ = np.asarray([n_iter], dtype=np.int32)
