@@ -78,7 +78,7 @@ def minimize_lbfgsb(fun, x0: np.ndarray, args: tuple, *, maxiter: int, maxls: in
         _lbfgsb.setulb(m, x, low_bnd, upper_bnd, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, maxls,
                        ln_task)
         if task[0] == 3:  # evaluate f and g at x
-            if not np.array_equal(x, evaluated_x):
+            if not (x == evaluated_x).all():  # np.array_equal for same-shape arrays, without its wrapper
                 evaluated_x = x.astype(x_dtype)
                 evaluated_f, evaluated_g = fun(np.copy(evaluated_x), *args)
                 nfev += 1
@@ -111,12 +111,12 @@ def _loss_gradient(coef: np.ndarray, X: np.ndarray, y: np.ndarray, l2_reg_streng
     loss_out, gradient_out = np.empty_like(y), np.empty_like(raw_prediction)
     closs.loss_gradient(y_true=y, raw_prediction=raw_prediction, sample_weight=None, loss_out=loss_out,
                         gradient_out=gradient_out, n_threads=1)
-    loss = float(np.sum(loss_out) / n_samples)
+    loss = float(loss_out.sum() / n_samples)  # ndarray.sum: np.sum's reduction without its Python wrapper
     loss += float(0.5 * l2_reg_strength * (weights @ weights))
     gradient_out /= n_samples
     grad = np.empty_like(coef, dtype=weights.dtype)
     grad[:n_features] = X.T @ gradient_out + l2_reg_strength * weights
-    grad[-1] = np.sum(gradient_out)
+    grad[-1] = gradient_out.sum()
     return loss, grad
 
 
