@@ -18,25 +18,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 
+from vlmrel_core.analysis.auroc_kernels import index_counts, weighted_auroc_rows
 from vlmrel_core.analysis.metrics import (
     Estimate, bootstrap_replicates, labels_and_scores, percentile_interval, require_both_classes,
 )
-
-
-def weighted_auroc_rows(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC for each row of ``weights`` (b, n) over the same (labels, scores); NaN where a class has no weight."""
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    block_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    w = weights[:, order]
-    is_pos = labels[order].astype(bool)
-    pos = np.add.reduceat(np.where(is_pos, w, 0.0), block_starts, axis=1)
-    neg = np.add.reduceat(np.where(is_pos, 0.0, w), block_starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    numerator = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
-    denominator = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, numerator / denominator, np.nan)
 
 
 def _group_index(groups: ArrayLike, n: int) -> tuple[np.ndarray, int]:
@@ -58,10 +43,7 @@ def _group_bootstrap(
     n_rows = group_index.size
 
     def on_weights(drawn: np.ndarray) -> np.ndarray:
-        block = drawn.shape[0]
-        offsets = drawn + n_groups * np.arange(block)[:, None]
-        counts = np.bincount(offsets.ravel(), minlength=block * n_groups).reshape(block, n_groups)
-        return statistic(counts[:, group_index].astype(float))
+        return statistic(index_counts(drawn, n_groups)[:, group_index])
 
     return bootstrap_replicates(n_groups, on_weights, n_boot, seed, cells_per_replicate=n_rows,
                                 failure="only {kept} of {drawn} group resamples had both classes; too few groups")

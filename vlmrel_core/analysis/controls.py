@@ -36,7 +36,7 @@ from vlmrel_core.analysis.probes import (
     DEFAULT_C_GRID,
     Probe,
     fit_probe,
-    make_probe_pipeline,
+    fit_probe_pipeline,
     select_layer_probe,
     single_blas_thread,
 )
@@ -219,7 +219,7 @@ def out_of_fold_logits(
         for tr, va in grouped_folds(y_train, groups_train, n_folds, seed):
             if np.unique(y_train[tr]).size < 2:
                 continue
-            logits[va] = make_probe_pipeline(C).fit(X_train[tr], y_train[tr]).decision_function(X_train[va])
+            logits[va] = fit_probe_pipeline(C, X_train[tr], y_train[tr]).decision_function(X_train[va])
     return logits
 
 
@@ -254,7 +254,7 @@ def shuffled_label_null(
     aurocs, r_pbs, first = [], [], np.zeros(0)
     with single_blas_thread():
         for i in range(n_permutations):
-            model = make_probe_pipeline(C).fit(X_train, rng.permutation(y_train))
+            model = fit_probe_pipeline(C, X_train, rng.permutation(y_train))
             scores = model.predict_proba(X_test)[:, 1]
             aurocs.append(roc_auc_score(y_test, scores))
             r_pbs.append(stats.pointbiserialr(y_test, scores).statistic if np.ptp(scores) > 0 else np.nan)

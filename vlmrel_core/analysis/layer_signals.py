@@ -1,4 +1,5 @@
-"""Per-layer signals of one run: attention features and logit-lens margins per decoder layer, and their AUROC.
+"""Signals of one run scored as they are: output and attention scores, and per decoder layer attention features
+and logit-lens margins, with their AUROC.
 
 Why its own module: the report's per-layer table and the dashboard's layer view read the same numbers; both take
 a RunReader and get arrays or a DataFrame back. Nothing here writes files.
@@ -9,6 +10,7 @@ counts as "correct", so those features are negated before their AUROC is taken.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,78 @@ def score_finite(
         extra = f"scored on {int(keep.sum())} of {keep.size} test rows"
         note = f"{note}; {extra}" if note else extra
     return evaluate_scores(name, kind, description, y[keep], values[keep], cost, n_boot=n_boot, seed=seed, note=note)
+
+
+# --------------------------------------------------------------------------------------------------- raw signals
+
+
+@dataclass(frozen=True)
+class RawSignal:
+    """A row column used directly as a reliability score, with its fixed orientation and cost."""
+
+    name: str
+    column: str
+    sign: int
+    cost: str
+    description: str
+    note: str = ""
+
+
+OUTPUT_SIGNALS: tuple[RawSignal, ...] = (
+    RawSignal("max_answer_prob", "max_answer_prob", +1, "1×", "max(p_yes, p_no) / (p_yes + p_no)"),
+    RawSignal("yes_no_margin", "yes_no_margin", +1, "1×", "|log p_yes − log p_no|",
+              "same ranking as max_answer_prob for yes/no answers"),
+    RawSignal("top1_top2_margin", "top1_top2_margin", +1, "1×", "full-vocabulary top-1 − top-2 logit"),
+    RawSignal("top1_prob", "top1_prob", +1, "1×", "full-vocabulary max probability"),
+    RawSignal("token_entropy", "token_entropy", -1, "1×", "full-softmax entropy at the answer position"),
+    RawSignal("mean_token_logprob", "mean_token_logprob", +1, "1×", "mean log-prob of the generated tokens"),
+)
+SELF_CONSISTENCY_COLUMNS = ("sc_agreement", "self_consistency", "agreement_rate")
+SELF_CONSISTENCY_K_COLUMNS = ("sc_k", "self_consistency_k")
+
+
+
+
+def raw_signals(
+    reader: RunReader, test: np.ndarray, attention: dict[str, np.ndarray] | None, attention_note: str,
+    *, n_boot: int, seed: int,
+) -> list[tuple[str, ScoredSignal]]:
+    """(key, signal) for output, attention (layer-mean map; ΔH_s last vs previous layer), self-consistency on ``test``."""
+    rows = reader.rows
+    y = rows["correct"].astype(np.int64).to_numpy()[test]
+    scored = []
+    for signal in OUTPUT_SIGNALS:
+        if signal.column not in rows.columns:
+            continue
+        values = signal.sign * rows[signal.column].to_numpy(dtype=np.float64)[test]
+        scored.append((signal.column, evaluate_scores(
+            signal.name if signal.sign > 0 else f"−{signal.name}", "output", signal.description, y, values,
+            signal.cost, n_boot=n_boot, seed=seed, note=signal.note,
+        )))
+    if attention is not None:
+        for key in ("entropy", "spatial_entropy", "cluster_count"):
+            values = attention[f"mean_map.{key}"]
+            scored.append((f"attention_{key}", score_finite(
+                f"−{ATTENTION_NAMES[key]} (layer-mean map)", "attention",
+                f"{ATTENTION_NAMES[key]} of the head- and layer-averaged answer→image attention map",
+                y, ATTENTION_SIGNS[key] * values, ATTENTION_COST, attention_note, n_boot=n_boot, seed=seed,
+            )))
+        if attention["delta_spatial_entropy"].shape[1] > 0:
+            values = attention["delta_spatial_entropy"][:, -1]
+            scored.append(("attention_delta_spatial_entropy", score_finite(
+                "−ΔH_s (last layer)", "attention", "H_s(last layer) − H_s(previous layer)",
+                y, -values, ATTENTION_COST, attention_note, n_boot=n_boot, seed=seed,
+            )))
+    sc_column = next((c for c in SELF_CONSISTENCY_COLUMNS if c in rows.columns), None)
+    if sc_column is not None:
+        k_column = next((c for c in SELF_CONSISTENCY_K_COLUMNS if c in rows.columns), None)
+        k = int(rows[k_column].max()) if k_column else None
+        cost = f"{k}× (K={k} samples)" if k else "K× (K samples)"
+        scored.append(("self_consistency", score_finite(
+            "self-consistency", "consistency", "share of the most frequent normalised answer among K samples",
+            y, rows[sc_column].to_numpy(dtype=np.float64)[test], cost, "", n_boot=n_boot, seed=seed,
+        )))
+    return scored
 
 
 def layer_signal_table(

@@ -19,6 +19,10 @@ from numpy.typing import ArrayLike
 from scipy import stats
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from vlmrel_core.analysis.auroc_kernels import (  # auroc_rows: re-exported (its home before auroc_kernels)
+    auroc_rows, index_counts, resampled_auroc_rows, weighted_auroc_rows,
+)
+
 BinStrategy = Literal["uniform", "quantile"]
 
 # Cap on (resamples x samples) materialised at once, so a bootstrap on 100k points stays within tens of MB.
@@ -155,20 +159,6 @@ def percentile_interval(replicates: np.ndarray, alpha: float) -> tuple[float, fl
     return float(low), float(high)
 
 
-def auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC of every row at once via the Mann–Whitney U statistic with mid-ranks.
-
-    Identical to ``roc_auc_score`` (ties count one half) but vectorised over bootstrap resamples, where calling
-    sklearn 1000 times would dominate the run time. Rows with a single class give NaN.
-    """
-    ranks = stats.rankdata(scores, axis=1)
-    n_pos = labels.sum(axis=1).astype(float)
-    n_neg = labels.shape[1] - n_pos
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u_statistic = (ranks * labels).sum(axis=1) - n_pos * (n_pos + 1.0) / 2.0
-        return np.where((n_pos > 0) & (n_neg > 0), u_statistic / (n_pos * n_neg), np.nan)
-
-
 def _pearson_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Pearson r per row (= point-biserial when one side is 0/1); NaN where either side is constant."""
     labels_centred = labels - labels.mean(axis=1, keepdims=True)
@@ -203,7 +193,7 @@ def auroc_ci(
     labels, scores = labels_and_scores(correct, score)
     require_both_classes(labels, "AUROC")
     replicates = bootstrap_replicates(
-        labels.size, lambda idx: auroc_rows(labels[idx], scores[idx]), n_boot, seed
+        labels.size, lambda idx: resampled_auroc_rows(labels, scores, idx), n_boot, seed
     )
     return Estimate(float(roc_auc_score(labels, scores)), *percentile_interval(replicates, alpha))
 
@@ -227,8 +217,8 @@ def auroc_gain_ci(
     require_both_classes(labels, "AUROC")
 
     def gain_rows(idx: np.ndarray) -> np.ndarray:
-        resampled_labels = labels[idx]
-        return auroc_rows(resampled_labels, scores_a[idx]) - auroc_rows(resampled_labels, scores_b[idx])
+        counts = index_counts(idx, labels.size)  # a resample as row multiplicities (bit-identical to ranking it)
+        return weighted_auroc_rows(labels, scores_a, counts) - weighted_auroc_rows(labels, scores_b, counts)
 
     replicates = bootstrap_replicates(labels.size, gain_rows, n_boot, seed)
     gain = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))

@@ -2,7 +2,7 @@
 
 Why built here and written in `report_io`: the report is the product's scientific claim, so it is built headless
 from extraction runs with fixed seeds, every number held-out and every comparison carrying its CI; the dashboard
-only reads what `report_io.write_report` writes. Per-layer signal extraction lives in `layer_signals`, table
+only reads what `report_io.write_report` writes. Raw and per-layer signal scoring live in `layer_signals`, table
 formatting in `tables`.
 
 Conventions (stated again in every written report):
@@ -27,9 +27,8 @@ import pandas as pd
 from vlmrel_core.analysis.claims import Claim, make_claim
 from vlmrel_core.analysis.controls import N_PERMUTATIONS, ControlSuite, ScoredSignal, evaluate_scores, run_controls
 from vlmrel_core.analysis.ensemble import EnsembleResult, fit_ensembles
-from vlmrel_core.analysis.layer_signals import (
-    AS_IS, ATTENTION_COST, ATTENTION_NAMES, ATTENTION_SIGNS, FITTED, NEGATED, attention_signal_arrays,
-    layer_signal_table, score_finite,
+from vlmrel_core.analysis.layer_signals import (  # OUTPUT_SIGNALS, RawSignal: re-exported (their home was here)
+    AS_IS, FITTED, NEGATED, OUTPUT_SIGNALS, RawSignal, attention_signal_arrays, layer_signal_table, raw_signals,
 )
 from vlmrel_core.analysis.probes import DEFAULT_C_GRID
 from vlmrel_core.analysis.splits import GROUPINGS, SplitError, SplitSpec, make_split
@@ -41,34 +40,6 @@ from vlmrel_core.engine.store import RunReader
 from vlmrel_core.progress import Progress, report as report_progress, scaled
 
 
-@dataclass(frozen=True)
-class RawSignal:
-    """A row column used directly as a reliability score, with its fixed orientation and cost."""
-
-    name: str
-    column: str
-    sign: int
-    cost: str
-    description: str
-    note: str = ""
-
-
-OUTPUT_SIGNALS: tuple[RawSignal, ...] = (
-    RawSignal("max_answer_prob", "max_answer_prob", +1, "1×", "max(p_yes, p_no) / (p_yes + p_no)"),
-    RawSignal("yes_no_margin", "yes_no_margin", +1, "1×", "|log p_yes − log p_no|",
-              "same ranking as max_answer_prob for yes/no answers"),
-    RawSignal("top1_top2_margin", "top1_top2_margin", +1, "1×", "full-vocabulary top-1 − top-2 logit"),
-    RawSignal("top1_prob", "top1_prob", +1, "1×", "full-vocabulary max probability"),
-    RawSignal("token_entropy", "token_entropy", -1, "1×", "full-softmax entropy at the answer position"),
-    RawSignal("mean_token_logprob", "mean_token_logprob", +1, "1×", "mean log-prob of the generated tokens"),
-)
-SELF_CONSISTENCY_COLUMNS = ("sc_agreement", "self_consistency", "agreement_rate")
-SELF_CONSISTENCY_K_COLUMNS = ("sc_k", "self_consistency_k")
-
-
-# --------------------------------------------------------------------------------------------------- raw signals
-
-
 def run_name(reader: RunReader) -> str:
     """"<model>/<split>": the model directory's name and the split file the run was extracted from."""
     rows = reader.rows
@@ -76,49 +47,6 @@ def run_name(reader: RunReader) -> str:
     split = str(splits[0]) if len(splits) == 1 else Path(reader.manifest.dataset_path).stem
     model = Path(reader.manifest.model_source.rstrip("/")).name or reader.manifest.family
     return f"{model}/{split}"
-
-
-
-def raw_signals(
-    reader: RunReader, test: np.ndarray, attention: dict[str, np.ndarray] | None, attention_note: str,
-    *, n_boot: int, seed: int,
-) -> list[tuple[str, ScoredSignal]]:
-    """(key, signal) for output, attention (layer-mean map; ΔH_s last vs previous layer), self-consistency on ``test``."""
-    rows = reader.rows
-    y = rows["correct"].astype(np.int64).to_numpy()[test]
-    scored = []
-    for signal in OUTPUT_SIGNALS:
-        if signal.column not in rows.columns:
-            continue
-        values = signal.sign * rows[signal.column].to_numpy(dtype=np.float64)[test]
-        scored.append((signal.column, evaluate_scores(
-            signal.name if signal.sign > 0 else f"−{signal.name}", "output", signal.description, y, values,
-            signal.cost, n_boot=n_boot, seed=seed, note=signal.note,
-        )))
-    if attention is not None:
-        for key in ("entropy", "spatial_entropy", "cluster_count"):
-            values = attention[f"mean_map.{key}"]
-            scored.append((f"attention_{key}", score_finite(
-                f"−{ATTENTION_NAMES[key]} (layer-mean map)", "attention",
-                f"{ATTENTION_NAMES[key]} of the head- and layer-averaged answer→image attention map",
-                y, ATTENTION_SIGNS[key] * values, ATTENTION_COST, attention_note, n_boot=n_boot, seed=seed,
-            )))
-        if attention["delta_spatial_entropy"].shape[1] > 0:
-            values = attention["delta_spatial_entropy"][:, -1]
-            scored.append(("attention_delta_spatial_entropy", score_finite(
-                "−ΔH_s (last layer)", "attention", "H_s(last layer) − H_s(previous layer)",
-                y, -values, ATTENTION_COST, attention_note, n_boot=n_boot, seed=seed,
-            )))
-    sc_column = next((c for c in SELF_CONSISTENCY_COLUMNS if c in rows.columns), None)
-    if sc_column is not None:
-        k_column = next((c for c in SELF_CONSISTENCY_K_COLUMNS if c in rows.columns), None)
-        k = int(rows[k_column].max()) if k_column else None
-        cost = f"{k}× (K={k} samples)" if k else "K× (K samples)"
-        scored.append(("self_consistency", score_finite(
-            "self-consistency", "consistency", "share of the most frequent normalised answer among K samples",
-            y, rows[sc_column].to_numpy(dtype=np.float64)[test], cost, "", n_boot=n_boot, seed=seed,
-        )))
-    return scored
 
 
 # --------------------------------------------------------------------------------------------------- run report
@@ -215,9 +143,11 @@ def _run_inputs(run_dir: str | Path, test_fraction: float, seed: int, groupings:
 def _grouping_report(
     run: RunReader | str, name: str, grouping: str, split: Any, attention: dict[str, np.ndarray] | None,
     attention_note: str, with_layer_table: bool, options: dict[str, Any], progress: Progress | None = None,
+    sweep: LayerSweep | None = None,
 ) -> _GroupingResult:
     """Sweep, ensembles, controls and Table-7 rows of one run on one split (a task of its own: no shared state).
 
+    ``sweep``: this split's layer sweep when already fitted (the parallel plan fits it pooling by pooling).
     ``progress`` runs 0..1000 over this grouping.
     """
     reader = run if isinstance(run, RunReader) else RunReader(run)
@@ -226,8 +156,9 @@ def _grouping_report(
     def step(fraction: float, stage: str) -> None:
         report_progress(progress, int(round(fraction * 1000)), 1000, stage)
 
-    sweep = sweep_layers(reader, options["poolings"], split, seed=seed, n_boot=n_boot, c_grid=c_grid,
-                         progress=scaled(progress, 0.0, 0.6))
+    if sweep is None:
+        sweep = sweep_layers(reader, options["poolings"], split, seed=seed, n_boot=n_boot, c_grid=c_grid,
+                             progress=scaled(progress, 0.0, 0.6))
     selected = sweep.selected()
     step(0.6, "ensembles")
     ensemble = fit_ensembles(reader, selected.pooling, split, options["ensemble_k"], seed, n_boot=n_boot,
@@ -402,9 +333,9 @@ def build_report(
     Transfer: for every ordered pair of runs of the same model (fingerprint), the source's CV-selected probe
     (pooling, layer on the image split) is trained on the source and tested on the target; and within each run,
     image-id range A → B and B → A. The in-domain probe of a pair is the target's sweep probe, not a refit.
-    ``n_jobs`` > 1 (-1: every core) fits over worker processes: each run's attention features, then every
-    (run, grouping), then every transfer pair, heaviest first; the numbers equal ``n_jobs=1``'s.
-    ``progress`` runs 0..1000: 90% over the runs, 10% over the transfer.
+    ``n_jobs`` > 1 (-1: every core) fits over worker processes (`_build_in_workers`); the numbers equal
+    ``n_jobs=1``'s. ``progress`` runs 0..1000: 90% over the runs, 10% over the transfer (in workers: 10% features,
+    55% sweeps, 35% the rest with the transfer).
     """
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     if not dirs:
@@ -412,19 +343,10 @@ def build_report(
     options = dict(seed=seed, n_boot=n_boot, test_fraction=test_fraction, poolings=poolings, ensemble_k=ensemble_k,
                    c_grid=c_grid)
     runs: list[RunReport] = []
+    transferred: list[tuple[list[TransferResult], str]] | None = None
     if resolve_n_jobs(n_jobs) > 1:
         task_options = {**{k: v for k, v in options.items() if k != "test_fraction"}, "n_permutations": n_permutations}
-        sizes = [len(RunReader(d).rows) for d in dirs]
-        inputs = run_tasks(_run_inputs, [(d, test_fraction, seed, GROUPINGS) for d in dirs], n_jobs, cost=sizes,
-                           progress=scaled(progress, 0.0, 0.1), stage="attention features")
-        per_run = [_grouping_tasks(i, task_options) for i in inputs]
-        flat = [task for tasks in per_run for task in tasks]
-        results = run_tasks(_grouping_report, flat, n_jobs, progress=scaled(progress, 0.1, 0.9),
-                            stage="sweeps, ensembles, controls", cost=[n for n, t in zip(sizes, per_run) for _ in t])
-        offset = 0
-        for run_inputs, tasks in zip(inputs, per_run):
-            runs.append(_assemble(run_inputs, results[offset:offset + len(tasks)]))
-            offset += len(tasks)
+        runs, transferred = _build_in_workers(dirs, task_options, test_fraction, transfer, n_jobs, progress)
     else:
         for i, run_dir in enumerate(dirs):
             run_progress = scaled(progress, 0.9 * i / len(dirs), 0.9 * (i + 1) / len(dirs))
@@ -432,11 +354,9 @@ def build_report(
                 run_progress = _prefixed(run_progress, f"run {i + 1}/{len(dirs)} ")
             runs.append(build_run_report(run_dir, n_permutations=n_permutations, progress=run_progress,
                                          **options))  # type: ignore[arg-type]
-    seen: dict[str, int] = {}
-    for run in runs:  # two runs with one name (same model, same split file) stay distinguishable
-        seen[run.name] = seen.get(run.name, 0) + 1
-        if seen[run.name] > 1:
-            run.name = f"{run.name}#{seen[run.name]}"
+    for run, name in zip(runs, _distinct_names([r.name for r in runs])):
+        if name != run.name:  # two runs with one name (same model, same split file) stay distinguishable
+            run.name = name
             run.claim.run = run.name
             run.table7 = run.table7.assign(run=run.name)  # the tables carry the run's name too
             if not run.layer_signals.empty:
@@ -444,14 +364,14 @@ def build_report(
     results_table: list[TransferResult] = []
     notes: list[str] = []
     if transfer:
-        report_progress(progress, 900, 1000, "transfer")
-        tasks = transfer_tasks(
-            [TransferRun(r.name, r.run_dir, r.manifest["model_fingerprint"],
-                         (r.sweeps.get("image") or next(iter(r.sweeps.values()))).selected(), r.sweeps.get("image"))
-             for r in runs],
-            test_fraction=test_fraction, seed=seed, n_boot=n_boot, c_grid=c_grid)
-        for found, note in run_tasks(run_transfer_task, [(t,) for t in tasks], n_jobs, stage="transfer",
-                                     progress=scaled(progress, 0.9, 1.0), cost=[t.cost for t in tasks]):
+        if transferred is None:
+            report_progress(progress, 900, 1000, "transfer")
+            tasks = _transfer_tasks([r.name for r in runs], [r.run_dir for r in runs],
+                                    [r.manifest["model_fingerprint"] for r in runs], [r.sweeps for r in runs],
+                                    test_fraction, task_options=options)
+            transferred = run_tasks(run_transfer_task, [(t,) for t in tasks], 1, stage="transfer",
+                                    progress=scaled(progress, 0.9, 1.0))
+        for found, note in transferred:
             results_table.extend(found)
             if note:
                 notes.append(note)
@@ -460,3 +380,97 @@ def build_report(
                 "run_dirs": [str(d) for d in dirs], "ci": "95% percentile bootstrap"}
     report_progress(progress, 1000, 1000, "done")
     return Report(runs, pd.DataFrame([r.to_dict() for r in results_table]), settings, notes)
+
+
+# --------------------------------------------------------------------------------------------------- in workers
+
+#: Relative cost of a grouping's work after its sweep (ensembles, controls, signals), in the transfer tasks' unit
+#: (rows × probe fits): measured ~9 fits' worth per row on the shipped runs.
+_REST_COST_PER_ROW = 9.0
+
+
+def _distinct_names(names: Sequence[str]) -> list[str]:
+    """``names`` with a second, third ... equal name suffixed "#2", "#3" (same model, same split file)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def _transfer_tasks(names: Sequence[str], run_dirs: Sequence[str], fingerprints: Sequence[str],
+                    sweeps: Sequence[dict[str, LayerSweep]], test_fraction: float, task_options: dict[str, Any]) -> list:
+    """The transfer table's tasks: each run's CV-selected probe on its image split (else its first split)."""
+    return transfer_tasks(
+        [TransferRun(name, run_dir, fingerprint, (s.get("image") or next(iter(s.values()))).selected(), s.get("image"))
+         for name, run_dir, fingerprint, s in zip(names, run_dirs, fingerprints, sweeps)],
+        test_fraction=test_fraction, seed=task_options["seed"], n_boot=task_options["n_boot"],
+        c_grid=task_options["c_grid"])
+
+
+def _sweep_part(run_dir: str, split: Any, pooling: str, options: dict[str, Any]) -> LayerSweep:
+    """One pooling's layer sweep on one split: a worker task (`_merged_sweep` joins a split's poolings in order)."""
+    return sweep_layers(RunReader(run_dir), [pooling], split, seed=options["seed"], n_boot=options["n_boot"],
+                        c_grid=options["c_grid"])
+
+
+def _merged_sweep(parts: Sequence[LayerSweep]) -> LayerSweep:
+    """The sweep over all poolings from its per-pooling parts (each fit is independent: the same numbers)."""
+    first = parts[0]
+    return LayerSweep([r for p in parts for r in p.results], first.split, first.model_fingerprint, first.run_dir,
+                      {k: v for p in parts for k, v in p.probes.items()},
+                      {k: v for p in parts for k, v in p.test_scores.items()})
+
+
+def _call(function: Any, *args: Any) -> Any:
+    return function(*args)
+
+
+def _build_in_workers(
+    dirs: Sequence[str | Path], options: dict[str, Any], test_fraction: float, transfer: bool, n_jobs: int | None,
+    progress: Progress | None,
+) -> tuple[list[RunReport], list[tuple[list[TransferResult], str]] | None]:
+    """`build_report` over worker processes, in three waves of independent tasks, each heaviest first.
+
+    1. each run's splits and attention features; 2. every (run, split, pooling) layer sweep, so that no worker is
+    left with one long run at the end; 3. every (run, split)'s ensembles, controls and signals together with the
+    transfer table, which needs only the image sweeps. Each task is a pure function of its arguments, so the
+    numbers equal the in-process build's.
+    """
+    sizes = [len(RunReader(d).rows) for d in dirs]
+    inputs = run_tasks(_run_inputs, [(d, test_fraction, options["seed"], GROUPINGS) for d in dirs], n_jobs,
+                       cost=sizes, progress=scaled(progress, 0.0, 0.1), stage="attention features")
+    per_run = [_grouping_tasks(i, options) for i in inputs]
+    sweep_tasks, sweep_costs, sweep_keys = [], [], []
+    for r, (run_dir, tasks) in enumerate(zip(dirs, per_run)):
+        poolings = options["poolings"] if options["poolings"] is not None else RunReader(run_dir).manifest.poolings
+        for t, task in enumerate(tasks):
+            for pooling in poolings:
+                sweep_tasks.append((str(run_dir), task[3], pooling, options))
+                sweep_costs.append(sizes[r])
+                sweep_keys.append((r, t))
+    parts: dict[tuple[int, int], list[LayerSweep]] = {}
+    for key, part in zip(sweep_keys, run_tasks(_sweep_part, sweep_tasks, n_jobs, cost=sweep_costs,
+                                               progress=scaled(progress, 0.1, 0.65), stage="layer sweeps")):
+        parts.setdefault(key, []).append(part)
+    sweeps = {key: _merged_sweep(found) for key, found in parts.items()}
+    calls = [(_grouping_report, *task, None, sweeps[(r, t)])
+             for r, tasks in enumerate(per_run) for t, task in enumerate(tasks)]
+    costs = [_REST_COST_PER_ROW * sizes[r] for r, tasks in enumerate(per_run) for _ in tasks]
+    n_groupings = len(calls)
+    if transfer:
+        tasks = _transfer_tasks(
+            _distinct_names([i.name for i in inputs]), [i.run_dir for i in inputs],
+            [i.manifest["model_fingerprint"] for i in inputs],
+            [{task[2]: sweeps[(r, t)] for t, task in enumerate(per_run[r])} for r in range(len(inputs))],
+            test_fraction, options)
+        calls += [(run_transfer_task, task) for task in tasks]
+        costs += [task.cost for task in tasks]
+    results = run_tasks(_call, calls, n_jobs, cost=costs, progress=scaled(progress, 0.65, 1.0),
+                        stage="ensembles, controls, signals, transfer")
+    runs, offset = [], 0
+    for run_inputs, tasks in zip(inputs, per_run):
+        runs.append(_assemble(run_inputs, results[offset:offset + len(tasks)]))
+        offset += len(tasks)
+    return runs, (results[n_groupings:] if transfer else None)

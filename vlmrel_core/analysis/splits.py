@@ -11,13 +11,14 @@ Index arrays refer to row positions (0..n-1) of the `RunReader.rows` frame they 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit
+
+from vlmrel_core.analysis.group_kfold import stratified_group_kfold, stratified_group_kfold_tests
 
 Grouping = Literal["image", "item"]
 GROUPINGS: tuple[str, ...] = ("image", "item")
@@ -140,10 +141,7 @@ def holdout_indices(
         return np.sort(train), np.sort(test)
     n_folds = int(min(_HOLDOUT_FOLDS, n_groups, class_counts.min()))  # StratifiedGroupKFold needs K <= each class
     n_test_folds = int(min(n_folds - 1, max(1, round(test_fraction * n_folds))))
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        folds = [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
+    folds = stratified_group_kfold_tests(y, groups, n_folds, seed)  # StratifiedGroupKFold(shuffle=True)'s folds
     test = np.sort(np.concatenate(folds[:n_test_folds]))
     train = np.setdiff1d(np.arange(len(y)), test)
     return train, test
@@ -227,10 +225,7 @@ def grouped_folds(
     if n_groups < 2:
         raise SplitError(f"grouped cross-validation needs at least 2 groups in the training split, found {n_groups}")
     k = min(n_folds, n_groups)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        folds = [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, groups)]
+    folds = stratified_group_kfold(y, groups, k, seed)  # StratifiedGroupKFold(shuffle=True)'s folds, vectorised
     for tr, va in folds:
         tr.setflags(write=False)
         va.setflags(write=False)

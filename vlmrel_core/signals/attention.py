@@ -20,6 +20,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 from scipy.special import entr
 from sklearn.cluster import DBSCAN
 
@@ -196,6 +197,20 @@ def top_cells_mask(grid: np.ndarray, top_quantile: float = 0.9) -> np.ndarray:
     return (m >= threshold) & (m > 0)
 
 
+def _grid_neighbourhood(eps: float) -> np.ndarray | None:
+    """The 3×3 structuring element of "within ``eps``" on an integer grid, or None outside (1, 2) or at eps = √2.
+
+    Only then is the neighbour set unambiguous (no cell offset lies exactly on the radius): 1 < eps < √2 is the
+    4-neighbourhood, √2 < eps < 2 the 8-neighbourhood (the default eps = 1.5).
+    """
+    squared = float(eps) * float(eps)
+    if 1.0 < squared < 2.0:
+        return ndimage.generate_binary_structure(2, 1)
+    if 2.0 < squared < 4.0:
+        return ndimage.generate_binary_structure(2, 2)
+    return None
+
+
 def cluster_count(grid: np.ndarray, top_quantile: float = 0.9, eps: float = 1.5, min_samples: int = 3) -> int:
     """C_k: number of DBSCAN clusters among the high-attention cells (noise excluded).
 
@@ -203,16 +218,28 @@ def cluster_count(grid: np.ndarray, top_quantile: float = 0.9, eps: float = 1.5,
     (row, col) coordinates. With eps=1.5 two cells are neighbours iff they touch, including diagonally, and
     min_samples counts the cell itself, as in sklearn. Returns 0 when fewer than `min_samples` cells are kept
     (DBSCAN could not form a cluster anyway; the paper states this case explicitly).
+
+    On the grid DBSCAN's clusters are exactly the connected components of its core cells (cells with at least
+    ``min_samples`` kept cells in their neighbourhood, themselves included): border cells join a cluster but never
+    link two. So for 1 < eps < 2 the count is a neighbour sum and a component labelling (`scipy.ndimage`), the
+    same integer as sklearn's DBSCAN (tests/test_signals_cluster_count.py) at ~1/100 of its cost; other eps run
+    DBSCAN itself.
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if isinstance(min_samples, bool) or int(min_samples) != min_samples or min_samples < 1:
         raise ValueError(f"min_samples must be a positive int, got {min_samples}")
-    coords = np.argwhere(top_cells_mask(grid, top_quantile))
-    if coords.shape[0] < min_samples:
+    mask = top_cells_mask(grid, top_quantile)
+    if int(mask.sum()) < min_samples:
         return 0
-    labels = DBSCAN(eps=eps, min_samples=int(min_samples)).fit(coords).labels_
-    return int(np.unique(labels[labels >= 0]).size)
+    structure = _grid_neighbourhood(eps)
+    if structure is None:
+        labels = DBSCAN(eps=eps, min_samples=int(min_samples)).fit(np.argwhere(mask)).labels_
+        return int(np.unique(labels[labels >= 0]).size)
+    kept = mask.astype(np.int64)
+    neighbours = ndimage.correlate(kept, structure.astype(np.int64), mode="constant", cval=0)
+    core = mask & (neighbours >= int(min_samples))
+    return int(ndimage.label(core, structure=structure)[1])
 
 
 # ------------------------------------------------------------------------------------------ feature sets
