@@ -118,3 +118,23 @@ def test_gray_zone_samples_from_a_shared_prefix_prefill(tiny_loaded):
     reused = sample_answers(loaded, first, questions[2], config, max_new_tokens=4, prefill=single.prefill.row(0))
     own = sample_answers(loaded, first, questions[2], config, max_new_tokens=4)
     assert reused.samples_text == own.samples_text
+
+
+def test_a_hooked_call_neither_uses_nor_keeps_prefixes(tiny_loaded):
+    """Under an ablation hook the model is not the loaded one: a kept prefix would smuggle unablated states in (and
+    a prefix kept under the hook would serve plain calls later), so `run_batch` runs such calls in full."""
+    from vlmrel_core.interventions.ablation import DimensionAblation
+
+    loaded = tiny_loaded["late_fusion"]
+    image = render_scene(make_scene(11))
+    questions = ["is there a red circle in the image?", "is there a blue square?"]
+    cache = ImagePrefixCache()
+    run_batch(loaded, [image], questions[:1], max_new_tokens=4, prefix_cache=cache)
+    assert len(cache) == 1
+    everything = DimensionAblation(layer=0, dims=tuple(range(loaded.hidden_size)))
+    with everything(loaded):
+        hooked = run_batch(loaded, [image, image], questions, max_new_tokens=4, prefix_cache=cache)
+        alone = run_batch(loaded, [image, image], questions, max_new_tokens=4)
+    assert cache.hits == 0 and len(cache) == 1
+    assert hooked.answer_text == alone.answer_text
+    np.testing.assert_array_equal(hooked.states["mean_all"], alone.states["mean_all"])

@@ -43,6 +43,26 @@ def is_active(owner: object) -> bool:
     return _ACTIVE.get() is owner
 
 
+# Owners of the interventions (ablation hooks, recording hooks) active in the calling thread's context; a new thread
+# starts with the empty set. Kept here so the engine can tell a hooked call from a plain one.
+_INTERVENTIONS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("vlmrel_active_interventions", default=frozenset())
+
+
+@contextmanager
+def activate_intervention_owner(owner: object) -> Iterator[None]:
+    """Mark ``owner``'s intervention as active for the calling thread's context for the block."""
+    token = _INTERVENTIONS.set(_INTERVENTIONS.get() | {owner})
+    try:
+        yield
+    finally:
+        _INTERVENTIONS.reset(token)
+
+
+def active_intervention_owners() -> frozenset:
+    """The interventions active in the calling thread's context (empty: the model runs as loaded)."""
+    return _INTERVENTIONS.get()
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where things are in a (left- or right-) padded batch, derived from input_ids, never from fixed counts."""

@@ -11,7 +11,8 @@ Which families: those whose adapter sets `shareable_image_prefix` (causal attent
 prefix, positions that do not depend on later tokens): LLaVA. Not PaliGemma (image and question attend to each other:
 a prefix-LM), not Qwen2-VL (M-RoPE deltas kept by the model per batch), not Idefics3 (tiles; untested). A key is the
 prefix's token ids plus every per-row model input besides the text (the processed pixels), so a changed image or
-template never matches.
+template never matches. A call made while an intervention hooks the model (`capture.active_intervention_owners`)
+neither uses nor keeps prefixes: its states are not the loaded model's.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable
 from vlmrel_core.engine.answers import NormalizationMode
-from vlmrel_core.engine.capture import PrefixSums, SharedPrefix, TokenLayout, capture
+from vlmrel_core.engine.capture import PrefixSums, SharedPrefix, TokenLayout, active_intervention_owners, capture
 from vlmrel_core.engine.greedy import GreedyOutput, greedy_generate
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.engine.loading import LoadedVLM
@@ -170,7 +170,10 @@ def run_batch(
     preprocess_s = time.perf_counter() - t0
     options = _PassOptions(resolve_layers(loaded.n_layers, layers), tuple(poolings), attentions, logit_lens,
                            max_new_tokens, normalization, keep_prefill)
-    if prefix_cache is None or prefix_cache.max_bytes == 0 or not adapter.shareable_image_prefix:
+    # a hooked call (an ablation, a recording) must neither use nor keep prefixes computed by or for plain calls
+    shares = (prefix_cache is not None and prefix_cache.max_bytes > 0 and adapter.shareable_image_prefix
+              and not active_intervention_owners())
+    if not shares:
         record = _run_pass(loaded, inputs, layout, options).record
     else:
         record = _run_sharing(loaded, inputs, layout, options, prefix_cache)

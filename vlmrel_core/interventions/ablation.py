@@ -16,7 +16,6 @@ Probes are read only through `analysis.probes.load_probe` (`load_ablation_probe`
 
 from __future__ import annotations
 
-import contextvars
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,28 +28,19 @@ from torch import nn
 
 from vlmrel_core.analysis.probes import PROBE_TENSORS, Probe, ProbeError, load_probe
 from vlmrel_core.engine.adapters.base import AdapterError
+from vlmrel_core.engine.capture import activate_intervention_owner, active_intervention_owners
 from vlmrel_core.engine.layers import resolve_layers
 
 AblationMode = Literal["zero", "mean"]
 ABLATION_MODES: tuple[str, ...] = ("zero", "mean")
 
-# Owners of the ablations active in the calling thread's context (a new thread starts with the empty set).
-_ACTIVE_INTERVENTIONS: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
-    "vlmrel_active_interventions", default=frozenset()
-)
-
-
-@contextmanager
-def _activate_intervention(owner: object) -> Iterator[None]:
-    token = _ACTIVE_INTERVENTIONS.set(_ACTIVE_INTERVENTIONS.get() | {owner})
-    try:
-        yield
-    finally:
-        _ACTIVE_INTERVENTIONS.reset(token)
+# Owners of the interventions active in the calling thread's context live in `engine.capture` (the engine must know
+# when a call is hooked: `run_batch` then neither reads nor keeps image prefixes).
+_activate_intervention = activate_intervention_owner
 
 
 def _intervention_active(owner: object) -> bool:
-    return owner in _ACTIVE_INTERVENTIONS.get()
+    return owner in active_intervention_owners()
 
 
 #: For other interventions' per-call hooks (`live_fast.record_prefill`): the same thread-scoped owner set.
