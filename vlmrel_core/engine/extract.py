@@ -206,6 +206,21 @@ class _ShardWork:
     self_consistency_k: int
     share_image_prefix: bool = True
 
+    def _batch(
+        self, batch: Sequence[VQASample], prefix_cache: ImagePrefixCache | None
+    ) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """One batch's rows and tensors."""
+        images = [s.load_image() for s in batch]
+        record = run_batch(
+            self.loaded, images, [s.question for s in batch], self.layers, self.poolings, self.attentions,
+            max_new_tokens=self.max_new_tokens, normalization=self.normalization, prefix_cache=prefix_cache,
+        )
+        rows = _rows_for_batch(batch, images, record, self.dataset_root)
+        if self.self_consistency_k:
+            rows = _add_self_consistency(self.loaded, batch, images, rows, self.self_consistency_k,
+                                         self.max_new_tokens, self.normalization)
+        return rows, _tensors_for_batch(record)
+
     def run(self, writer: RunWriter, todo: Sequence[VQASample], completed: int, total: int, progress: Progress | None) -> None:
         report(progress, completed, total, "questions")
         sharing = self.share_image_prefix and self.loaded.adapter.shareable_image_prefix
@@ -216,24 +231,16 @@ class _ShardWork:
             chunks = (image_grouped_batches(shard_samples, self.batch_size) if sharing else
                       [[list(range(i, min(i + self.batch_size, len(shard_samples))))]
                        for i in range(0, len(shard_samples), self.batch_size)])
-            for indices, last_of_chunk in ((b, j == len(c) - 1) for c in chunks for j, b in enumerate(c)):
-                batch = [shard_samples[i] for i in indices]
-                images = [s.load_image() for s in batch]
-                record = run_batch(
-                    self.loaded, images, [s.question for s in batch], self.layers, self.poolings, self.attentions,
-                    max_new_tokens=self.max_new_tokens, normalization=self.normalization, prefix_cache=prefix_cache,
-                )
-                rows = _rows_for_batch(batch, images, record, self.dataset_root)
-                if self.self_consistency_k:
-                    rows = _add_self_consistency(self.loaded, batch, images, rows, self.self_consistency_k,
-                                                 self.max_new_tokens, self.normalization)
-                shard_rows.extend(rows)
-                tensor_parts.append(_tensors_for_batch(record))
-                order.extend(indices)
-                if prefix_cache is not None and last_of_chunk:
-                    prefix_cache.clear()  # the chunk's images are done: their prefixes are not needed again
-                completed += len(batch)
-                report(progress, completed, total, f"shard {len(writer.manifest.shards) + 1}")
+            for chunk in chunks:
+                if prefix_cache is not None:
+                    prefix_cache.clear()  # a new chunk of images: the earlier chunks' prefixes are not needed again
+                for indices in chunk:
+                    rows, tensors = self._batch([shard_samples[i] for i in indices], prefix_cache)
+                    shard_rows.extend(rows)
+                    tensor_parts.append(tensors)
+                    order.extend(indices)
+                    completed += len(indices)
+                    report(progress, completed, total, f"shard {len(writer.manifest.shards) + 1}")
             in_order = np.argsort(np.asarray(order), kind="stable")  # rows and tensors back in the dataset's order
             shard_rows = [shard_rows[i] for i in in_order]
             tensors = {}

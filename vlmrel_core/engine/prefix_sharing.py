@@ -280,7 +280,8 @@ def plan_calls(
                     seen.add(prefix.key)
         if full:
             run_full(full)
-        pending = [row for row in pending if row not in set(full)]
+        ran = set(full)
+        pending = [row for row in pending if row not in ran]
         found = {row: cache.get(prefixes[row].key, layers) for row in pending}
         by_length: dict[int, list[int]] = {}
         for row, entry in found.items():

@@ -207,7 +207,6 @@ def _run_pass(
     adapter, model = loaded.adapter, loaded.model
     answer_tokens = loaded.answer_tokens
     t1 = time.perf_counter()
-    past_kwargs = {CACHE_KWARG: past} if past is not None else {}
     # inference_mode, not no_grad: no version counters or view tracking on any op (measurably less per-op overhead)
     with torch.inference_mode(), capture(model, adapter, layout, options.layers, options.poolings, options.attentions,
                                          shared=shared, prefix_sums=sums) as captured:
@@ -216,7 +215,7 @@ def _run_pass(
         else:
             generated = model.generate(
                 **inputs,
-                **past_kwargs,
+                **({CACHE_KWARG: past} if past is not None else {}),
                 max_new_tokens=options.max_new_tokens,
                 do_sample=False,
                 output_logits=True,
