@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from vlmrel_core.data.loader import DatasetError, dataset_hash, load_vqa_jsonl
+from vlmrel_core.data.loader import DatasetError, dataset_hash, load_images, load_vqa_jsonl
 
 
 @pytest.fixture()
@@ -62,3 +62,21 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DatasetError, match="no rows"):
         load_vqa_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_load_images_decodes_each_file_once_in_sample_order(image_dir, monkeypatch):
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(image_dir / "b.png")
+    path = _write(image_dir / "d.jsonl", [
+        {"question_id": i, "image": name, "text": "q?", "label": "yes"} for i, name in enumerate(["a.png", "b.png", "a.png", "b.png", "a.png"])
+    ])
+    samples = load_vqa_jsonl(path)
+    opened = []
+    import vlmrel_core.data.loader as loader
+
+    real = loader.load_image
+    monkeypatch.setattr(loader, "load_image", lambda p: opened.append(p.name) or real(p))
+    images = load_images(samples)
+    assert sorted(opened) == ["a.png", "b.png"]
+    assert [im.getpixel((0, 0)) for im in images] == [(10, 20, 30), (200, 0, 0)] * 2 + [(10, 20, 30)]
+    assert images[0] is images[2] is images[4] and images[1] is images[3]
+    assert load_images([]) == []

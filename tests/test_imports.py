@@ -100,3 +100,16 @@ def test_analysis_and_interventions_import_without_streamlit():
            "assert 'streamlit' not in sys.modules, sorted(m for m in sys.modules if m.startswith('streamlit'))[:5]\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_ablate_and_extract_paths_import_no_scikit_learn():
+    """scikit-learn (with scipy.stats) takes ~1.5 s to import and only fitting needs it: `vlmrel ablate` loads a
+    saved probe and the extraction computes signals, so the modules on their path import it where a fit happens."""
+    names = ["vlmrel_core.cli.interventions", "vlmrel_core.interventions.study", "vlmrel_core.interventions.ablation",
+             "vlmrel_core.engine.loading", "vlmrel_core.engine.extract",
+             "vlmrel_core.analysis.probes", "vlmrel_core.analysis.metrics", "vlmrel_core.signals.attention"]
+    code = f"import importlib, sys\nfor name in {names!r}:\n    importlib.import_module(name)\n" \
+           "print(sorted(m for m in ('sklearn', 'scipy.stats') if m in sys.modules))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -11,7 +11,10 @@ import torch
 from vlmrel_core.data.loader import load_vqa_jsonl
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS, normalize_answer
 from vlmrel_core.interventions.live import MaskSettings, live_baseline, masked_answer, run_masked, run_masked_in_parallel
-from vlmrel_core.interventions.live_fast import decided_answers, grey_pixel_values, prepare_batch, word_level_tokenizer
+from vlmrel_core.interventions import live_fast
+from vlmrel_core.interventions.live_fast import (
+    KeptBatch, decided_answers, first_token_logits, grey_pixel_values, prepare_batch, word_level_tokenizer,
+)
 from vlmrel_core.interventions.masking import grey_cells, patch_masks
 from vlmrel_core.samples.catalog import sample_catalog
 
@@ -103,3 +106,38 @@ def test_models_in_parallel_threads_equal_one_after_the_other(model_and_baseline
         assert parallel[label].answers == alone.answers
         np.testing.assert_allclose(parallel[label].confidence, alone.confidence, atol=1e-6)
     assert not np.allclose(parallel["ablated"].confidence, parallel["greyed only"].confidence)
+
+
+def test_first_token_logits_equal_generate_bit_for_bit(model_and_baseline):
+    """The masked passes' prefill (LLaVA: the greedy loop, without `generate`'s setup) gives `generate`'s
+    first-token logits and tokens exactly, on a left-padded batch."""
+    loaded, baseline = model_and_baseline
+    questions = [s.question for s in baseline.samples[:3]]
+    questions[1] = "is there a triangle in the image?"  # one word shorter: the batch is left-padded
+    inputs = prepare_batch(loaded, baseline.images[:3], questions)
+    assert (inputs["attention_mask"] == 0).any()
+    assert loaded.plain_greedy == (loaded.adapter.family == "llava")
+    with torch.inference_mode():
+        reference = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                          return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
+    logits, tokens = first_token_logits(loaded, inputs)
+    assert torch.equal(logits, reference.logits[0].float())
+    np.testing.assert_array_equal(tokens, reference.sequences[:, -1].numpy())
+
+
+def test_greying_is_checked_once_per_processed_size(model_and_baseline, monkeypatch):
+    """The grey fill and the pixel-locality check are processor calls: made for the first batch of a size only,
+    and the greyed tensors stay those of greying the images then processing them."""
+    loaded, baseline = model_and_baseline
+    live_fast._GREYING.pop(loaded.processor, None)
+    calls = []
+    processed = live_fast._processed_pixels
+    monkeypatch.setattr(live_fast, "_processed_pixels", lambda *a: calls.append(1) or processed(*a))
+    for kept_index, rows in ((1, slice(10, 20)), (2, slice(20, 24)), (1, slice(10, 20))):
+        kept = KeptBatch(baseline.kept[kept_index].inputs)
+        images = baseline.images[rows]
+        masks = patch_masks(len(images), None, baseline.grids[rows], 0.4, "random", seed=kept_index)
+        greyed = grey_pixel_values(loaded, kept, images, masks)
+        expected = prepare_batch(loaded, [grey_cells(i, m) for i, m in zip(images, masks)], ["x"] * len(images))
+        assert torch.equal(greyed, expected["pixel_values"])
+    assert len(calls) == 2  # the fill and the check, for the first batch only

@@ -13,7 +13,6 @@ exactly and divide it by the same n_pos·n_neg: the replicates are bit-identical
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 
 def auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -21,7 +20,9 @@ def auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
     Identical to ``roc_auc_score`` (ties count one half) but vectorised over rows. Rows with a single class give NaN.
     """
-    ranks = stats.rankdata(scores, axis=1)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
     n_pos = labels.sum(axis=1).astype(float)
     n_neg = labels.shape[1] - n_pos
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -16,8 +16,6 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
-from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from vlmrel_core.analysis.auroc_kernels import (  # auroc_rows: re-exported (its home before auroc_kernels)
     auroc_rows, index_counts, resampled_auroc_rows, weighted_auroc_rows,
@@ -176,6 +174,8 @@ def _pearson_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def auroc(correct: ArrayLike, score: ArrayLike) -> float:
     """Area under the ROC curve of ``score`` for predicting ``correct`` (0.5 = chance, ties count one half)."""
+    from sklearn.metrics import roc_auc_score
+
     labels, scores = labels_and_scores(correct, score)
     require_both_classes(labels, "AUROC")
     return float(roc_auc_score(labels, scores))
@@ -189,6 +189,8 @@ def auroc_ci(
     Why bootstrap: the headline comparisons (0.50 vs 0.54 vs 0.72) are only meaningful with their sampling
     error, and the bootstrap needs no normality assumption. Single-class resamples are redrawn.
     """
+    from sklearn.metrics import roc_auc_score
+
     _check_alpha(alpha)
     labels, scores = labels_and_scores(correct, score)
     require_both_classes(labels, "AUROC")
@@ -211,6 +213,8 @@ def auroc_gain_ci(
     Both scores are evaluated on the same resampled indices, so the shared difficulty of each question cancels;
     two independent intervals that overlap would wrongly suggest "no difference".
     """
+    from sklearn.metrics import roc_auc_score
+
     _check_alpha(alpha)
     labels, scores_a = labels_and_scores(correct, score_a, "score_a")
     _, scores_b = labels_and_scores(correct, score_b, "score_b")
@@ -244,6 +248,8 @@ def point_biserial(
     what the paper's n = 3,090 interval [-0.034, 0.036] around 0.001 corresponds to; ``n_boot``/``seed`` are
     then unused.
     """
+    from scipy import stats
+
     _check_alpha(alpha)
     labels, scores = labels_and_scores(correct, score)
     require_both_classes(labels, "point-biserial correlation")
@@ -346,6 +352,8 @@ def max_calibration_error(
 
 def brier_score(correct: ArrayLike, prob: ArrayLike) -> float:
     """Mean squared error of the probability of being correct (sklearn ``brier_score_loss``)."""
+    from sklearn.metrics import brier_score_loss
+
     labels = as_binary_labels(correct)
     probs = _as_probabilities(prob)
     if labels.size != probs.size:

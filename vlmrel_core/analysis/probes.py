@@ -17,25 +17,22 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
-from scipy.special import expit
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from vlmrel_core.validation.errors import InputError
 from vlmrel_core import __version__
-from vlmrel_core.analysis.logistic_fit import fit_logistic
 from vlmrel_core.analysis.metrics import as_binary_labels, auroc_rows, require_both_classes
 from vlmrel_core.analysis.splits import Split, SplitSpec, group_keys, grouped_folds, labels_of, make_split
 from vlmrel_core.engine.store import RunManifest, RunReader
 from vlmrel_core.io import atomic_write_text
+
+if TYPE_CHECKING:  # scikit-learn is imported where a probe is fitted: loading and scoring one never need it
+    from sklearn.pipeline import Pipeline
+    from threadpoolctl import threadpool_limits
 
 #: Inverse regularisation strengths tried by grouped CV (the prototype's probes wanted C = 10–100).
 DEFAULT_C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -122,6 +119,8 @@ class Probe:
 
     def score(self, states: np.ndarray) -> np.ndarray:
         """P(correct) per sample; equals the sklearn pipeline's predict_proba[:, 1]."""
+        from scipy.special import expit
+
         return expit(self.decision_function(states))
 
     @property
@@ -246,17 +245,25 @@ def load_probe(
 def single_blas_thread() -> threadpool_limits:
     """Limit BLAS to one thread while fitting: these problems are small, and on a shared 2-core machine a second
     BLAS thread only adds contention (measured: lbfgs fits ~5× slower with 2 threads under load)."""
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=1, user_api="blas")
 
 
 def make_probe_pipeline(C: float) -> Pipeline:
     """The probe's sklearn form: standardise, then L2 logistic regression with inverse strength C."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(C=C, max_iter=MAX_ITER))])
 
 
 def fit_probe_pipeline(C: float, X: np.ndarray, y: np.ndarray) -> Pipeline:
     """``make_probe_pipeline(C).fit(X, y)``, the logistic step fitted by `logistic_fit.fit_logistic` (same numbers,
     less scikit-learn overhead per L-BFGS step)."""
+    from vlmrel_core.analysis.logistic_fit import fit_logistic
+
     pipeline = make_probe_pipeline(C)
     standardised = pipeline.named_steps["scale"].fit_transform(X, y)
     fit_logistic(pipeline.named_steps["logreg"], standardised, y)
@@ -283,6 +290,12 @@ def cv_auroc_by_c(
     optimum, found faster), so the choice of C never sees a validation row. Validation AUROC is the Mann–Whitney
     form of `metrics` (identical to sklearn's, without its per-call validation overhead).
     """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vlmrel_core.analysis.logistic_fit import fit_logistic
+
     grid = list(c_grid)
     per_fold = np.full((len(folds), len(grid)), np.nan)
     for f, (tr, va) in enumerate(folds):
@@ -319,6 +332,8 @@ def fit_probe(
     smaller C (stronger regularisation). ``info`` fills `ProbeInfo` fields (pooling, layers, model_fingerprint,
     ...); hidden_size defaults to the feature count.
     """
+    from sklearn.exceptions import ConvergenceWarning
+
     features = _as_matrix(X)
     labels = as_binary_labels(np.asarray(y), "y")
     groups = np.asarray(groups)

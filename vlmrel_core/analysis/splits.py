@@ -16,7 +16,6 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit
 
 from vlmrel_core.analysis.group_kfold import stratified_group_kfold, stratified_group_kfold_tests
 
@@ -136,6 +135,8 @@ def holdout_indices(
     if stratify and (class_counts.size < 2 or class_counts.min() < 2):
         stratify = False
     if not stratify:
+        from sklearn.model_selection import GroupShuffleSplit
+
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
         train, test = next(splitter.split(np.zeros(len(y)), y, groups))
         return np.sort(train), np.sort(test)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
@@ -44,6 +44,20 @@ class VQASample:
             return load_image(self.image_path).image
         except InputError as err:
             raise DatasetError(f"cannot read image {self.image_path} of sample {self.sample_id}: {err}") from None
+
+
+def load_images(samples: Sequence[VQASample]) -> list[Image.Image]:
+    """Each sample's image, every distinct file decoded once: POPE-style sets ask several questions about one
+    image (2 in the shipped splits, 6 in POPE's), and decoding is most of loading them. Samples of one file share
+    one `Image` object, so callers must not modify images in place (vlmrel's never do: greying makes a copy)."""
+    decoded: dict[Path, Image.Image] = {}
+    images = []
+    for sample in samples:
+        image = decoded.get(sample.image_path)
+        if image is None:
+            image = decoded[sample.image_path] = sample.load_image()
+        images.append(image)
+    return images
 
 
 def check_label(label: Any, question_type: Any) -> str:

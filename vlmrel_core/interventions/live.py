@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from vlmrel_core.analysis.metrics import bootstrap_replicates, percentile_interval
-from vlmrel_core.data.loader import VQASample
+from vlmrel_core.data.loader import VQASample, load_images
 from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.run import run_batch
 from vlmrel_core.interventions.ablation import DimensionAblation, random_dimensions, top_k_dimensions
@@ -130,7 +130,7 @@ def live_baseline(
     samples = list(samples)
     if not samples:
         raise ValueError("no questions to run")
-    images = [s.load_image() for s in samples]
+    images = load_images(samples)
     kept: list[KeptBatch] = []
     result, maps, grids = _pass(loaded, samples, images, nullcontext(), batch_size, max_new_tokens, True, progress,
                                 "unmasked pass", kept, residual_budget)

@@ -24,6 +24,7 @@ re-run with the full masked `generate`. Other tokenizers take the full pass for 
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ import torch
 from PIL import Image
 
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS
+from vlmrel_core.engine.greedy import greedy_generate
 from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.interventions.ablation import activate_intervention, intervention_active
 from vlmrel_core.interventions.masking import GREY, cell_edges, grey_cells
@@ -139,23 +141,29 @@ def resumed_logits(
 
 
 def first_token_logits(loaded: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
-    """One prefill by `generate` stopped after the first token (as `run_batch` calls it, without capture): the
-    first answer token's logits (b, V), transformed as `run_batch` does, and the greedy tokens."""
+    """One prefill stopped after the first token (as `run_batch` calls it, without capture): the first answer
+    token's logits (b, V), transformed as `run_batch` does, and the greedy tokens. Where `run_batch` decodes with
+    `engine.greedy` (`loaded.plain_greedy`: the same logits as `generate`, tested) so does this, without
+    `generate`'s ~2 ms of setup per call; otherwise `generate` itself."""
     with torch.inference_mode():
-        generated = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                                          return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
-    logits = generated.logits[0].float()
+        if loaded.plain_greedy:
+            logits = greedy_generate(loaded.model, inputs, 1, loaded.tokenizer.pad_token_id).logits[0]
+        else:
+            logits = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True,
+                                           pad_token_id=loaded.tokenizer.pad_token_id).logits[0].float()
+    tokens = first_tokens(logits)  # greedy: the argmax of the raw logits, as `generate` picks it
     cap = _softcap(loaded)
-    logits = torch.tanh(logits / cap) * cap if cap else logits
-    return logits, generated.sequences[:, -1].cpu().numpy()
+    return (torch.tanh(logits / cap) * cap if cap else logits), tokens
 
 
 def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image], masks: Sequence[np.ndarray]) -> torch.Tensor:
     """The batch's pixel_values with the masked cells greyed in tensor space, or re-processed from the greyed
     images when the processor is not pixel-local for these images (resize, crop, tiling).
 
-    Pixel-local is checked once per batch: every image already has the processed size, and greying the first
-    image's cells (with the most cells masked) then processing equals greying its kept tensor bit for bit."""
+    Pixel-local is checked once per processor and processed size (not per batch: the check and the grey fill
+    cost two processor calls): every image already has the processed size, and greying the first image's cells
+    then processing equals greying its kept tensor bit for bit."""
     pixels = kept.inputs.get("pixel_values")
     if kept.pixels_greyable is None:
         kept.pixels_greyable = (pixels is not None and pixels.ndim == 4 and pixels.shape[0] == len(images)
@@ -163,16 +171,25 @@ def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image
     if not kept.pixels_greyable:
         return _processed_pixels(loaded, [grey_cells(image, mask) for image, mask in zip(images, masks)])
     height, width = pixels.shape[-2:]
+    known = _GREYING.setdefault(loaded.processor, {})
     if kept.grey_fill is None:
-        kept.grey_fill = _processed_pixels(loaded, [Image.new("RGB", (width, height), GREY)])[0]
+        kept.grey_fill, verdict = known.get((height, width), (None, None))
+        if kept.grey_fill is None:
+            kept.grey_fill = _processed_pixels(loaded, [Image.new("RGB", (width, height), GREY)])[0]
+        kept.grey_checked = verdict is True
     pixel_masks = torch.from_numpy(np.stack([_pixel_mask(mask, height, width) for mask in masks]))
     greyed = torch.where(pixel_masks[:, None].to(pixels.device), kept.grey_fill[None], pixels)
     if not kept.grey_checked:
         probe = _processed_pixels(loaded, [grey_cells(images[0], masks[0])])[0]
         kept.pixels_greyable = kept.grey_checked = bool(torch.equal(probe, greyed[0]))
+        known[(height, width)] = (kept.grey_fill, kept.pixels_greyable)
         if not kept.pixels_greyable:
             return _processed_pixels(loaded, [grey_cells(image, mask) for image, mask in zip(images, masks)])
     return greyed
+
+
+# processor -> {processed (height, width): (its all-grey pixel tensor, whether greying is pixel-local)}
+_GREYING: "weakref.WeakKeyDictionary[Any, dict[tuple[int, int], tuple[torch.Tensor, bool]]]" = weakref.WeakKeyDictionary()
 
 
 def _pixel_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from vlmrel_core.analysis.metrics import bootstrap_replicates, percentile_interval
-from vlmrel_core.data.loader import VQASample
+from vlmrel_core.data.loader import VQASample, load_images
 from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.interventions.ablation import (
     ABLATION_MODES, DimensionAblation, random_dimensions, top_k_dimensions,
@@ -202,7 +202,7 @@ def run_ablation_study(
     if random_fraction is not None and not 0.0 < random_fraction <= 1.0:
         raise ValueError(f"random_fraction must be in (0, 1], got {random_fraction}")
     samples = list(samples)
-    images = list(images) if images is not None else [s.load_image() for s in samples]
+    images = list(images) if images is not None else load_images(samples)
     types = [_question_type(s) for s in samples]
     frames = []
     passes = 1 + len(ks) * (len(modes) + n_random_draws) + (random_fraction is not None) + 3 * (mask_fraction is not None)
@@ -276,7 +276,7 @@ def ablation_baseline(
     (``attentions``) the answer position's attention maps that rank patches for masking, and (``means``) decoder
     layer ``layer``'s mean state for mean ablation. Compute it once and pass it as ``baselines`` to share it."""
     (layer_index,) = resolve_layers(loaded.n_layers, [layer])
-    images = list(images) if images is not None else [s.load_image() for s in samples]
+    images = list(images) if images is not None else load_images(samples)
     return evaluate_pass(loaded, samples, images, None, batch_size, max_new_tokens, attentions=attentions,
                          mean_layer=layer_index if means else None)
 

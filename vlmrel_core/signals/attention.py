@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.special import entr
-from sklearn.cluster import DBSCAN
 
 __all__ = [
     "SPATIAL_ENTROPY_EPS",
@@ -234,6 +233,8 @@ def cluster_count(grid: np.ndarray, top_quantile: float = 0.9, eps: float = 1.5,
         return 0
     structure = _grid_neighbourhood(eps)
     if structure is None:
+        from sklearn.cluster import DBSCAN  # only for eps outside (1, 2): kept off the import path of every run
+
         labels = DBSCAN(eps=eps, min_samples=int(min_samples)).fit(np.argwhere(mask)).labels_
         return int(np.unique(labels[labels >= 0]).size)
     kept = mask.astype(np.int64)
