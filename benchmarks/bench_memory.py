@@ -7,7 +7,8 @@ parent prints both and the ratio (target: the larger run's peak within 10% of th
 To fit about two minutes on a 2-core CPU by default, the 10,000 questions are the shipped adversarial questions
 cycled with fresh ids over the shipped images (generated data), extracted with --no-attentions (SDPA), one new
 token, every layer and all four poolings, batch 64, shards of 256 rows. `--attentions --max-new-tokens 8` runs the
-default extraction settings instead (several minutes).
+default extraction settings instead (several minutes). Each child fixes malloc's thresholds as the `vlmrel` CLI does
+(`vlmrel_core.allocator`: freed memory stays for reuse); `--malloc default` keeps glibc's adaptive defaults.
 
     python benchmarks/bench_memory.py
     python benchmarks/bench_memory.py --sizes 300,2000     # quicker
@@ -43,7 +44,11 @@ def _child(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(REPO))
     torch.set_num_threads(1)
+    from vlmrel_core.allocator import keep_freed_memory
     from vlmrel_core.engine.extract import extract
+
+    if args.malloc == "cli":
+        keep_freed_memory()
     from vlmrel_core.engine.loading import load_vlm
 
     loaded = load_vlm(args.model, attn_implementation="eager" if args.attentions else "sdpa")
@@ -68,6 +73,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=1)
     parser.add_argument("--attentions", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--malloc", choices=["cli", "default"], default="cli",
+                        help="cli: malloc thresholds fixed as `vlmrel` fixes them; default: glibc's adaptive ones")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -77,14 +84,14 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         command = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--data", args.data,
                    "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
-                   "--attentions" if args.attentions else "--no-attentions"]
+                   "--attentions" if args.attentions else "--no-attentions", "--malloc", args.malloc]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(f"extraction of {size} questions failed:\n{done.stderr[-2000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     small, large = results[0], results[-1]
     print(json.dumps({
-        "settings": {"attentions": args.attentions, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "settings": {"malloc": args.malloc, "attentions": args.attentions, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                      "shard_size": 256, "data": "shipped adversarial questions cycled with fresh ids"},
         "runs": results,
         "peak_ratio_large_over_small": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),

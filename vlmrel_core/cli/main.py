@@ -254,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlmrel_core.data.loader import DatasetError
     from vlmrel_core.engine.loading import ModelLoadError
     from vlmrel_core.engine.store import CacheError
+    from vlmrel_core.allocator import keep_freed_memory
 
+    keep_freed_memory()  # forward passes reuse freed memory instead of page-faulting it back (see allocator)
     try:
         return int(args.func(args) or 0)
     except (AdapterError, DatasetError, ModelLoadError, CacheError, ValueError) as err:
