@@ -129,7 +129,7 @@ def test_greying_is_checked_once_per_processed_size(model_and_baseline, monkeypa
     """The grey fill and the pixel-locality check are processor calls: made for the first batch of a size only,
     and the greyed tensors stay those of greying the images then processing them."""
     loaded, baseline = model_and_baseline
-    live_fast._GREYING.pop(loaded.processor, None)
+    live_fast._GREYING.pop(loaded.model, None)
     calls = []
     processed = live_fast._processed_pixels
     monkeypatch.setattr(live_fast, "_processed_pixels", lambda *a: calls.append(1) or processed(*a))

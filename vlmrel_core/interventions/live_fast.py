@@ -147,12 +147,12 @@ def first_token_logits(loaded: Any, inputs: dict[str, torch.Tensor]) -> tuple[to
     `generate`'s ~2 ms of setup per call; otherwise `generate` itself."""
     with torch.inference_mode():
         if loaded.plain_greedy:
-            logits = greedy_generate(loaded.model, inputs, 1, loaded.tokenizer.pad_token_id).logits[0]
+            generated: Any = greedy_generate(loaded.model, inputs, 1, loaded.tokenizer.pad_token_id)
         else:
-            logits = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                                           return_dict_in_generate=True,
-                                           pad_token_id=loaded.tokenizer.pad_token_id).logits[0].float()
-    tokens = first_tokens(logits)  # greedy: the argmax of the raw logits, as `generate` picks it
+            generated = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                              return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
+    logits = generated.logits[0].float()
+    tokens = generated.sequences[:, -1].cpu().numpy()  # the chosen token (after any logits processor of generate's)
     cap = _softcap(loaded)
     return (torch.tanh(logits / cap) * cap if cap else logits), tokens
 
@@ -161,7 +161,7 @@ def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image
     """The batch's pixel_values with the masked cells greyed in tensor space, or re-processed from the greyed
     images when the processor is not pixel-local for these images (resize, crop, tiling).
 
-    Pixel-local is checked once per processor and processed size (not per batch: the check and the grey fill
+    Pixel-local is checked once per model and processed size (not per batch: the check and the grey fill
     cost two processor calls): every image already has the processed size, and greying the first image's cells
     then processing equals greying its kept tensor bit for bit."""
     pixels = kept.inputs.get("pixel_values")
@@ -171,7 +171,7 @@ def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image
     if not kept.pixels_greyable:
         return _processed_pixels(loaded, [grey_cells(image, mask) for image, mask in zip(images, masks)])
     height, width = pixels.shape[-2:]
-    known = _GREYING.setdefault(loaded.processor, {})
+    known = _GREYING.setdefault(loaded.model, {})
     if kept.grey_fill is None:
         kept.grey_fill, verdict = known.get((height, width), (None, None))
         if kept.grey_fill is None:
@@ -188,8 +188,10 @@ def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image
     return greyed
 
 
-# processor -> {processed (height, width): (its all-grey pixel tensor, whether greying is pixel-local)}
-_GREYING: "weakref.WeakKeyDictionary[Any, dict[tuple[int, int], tuple[torch.Tensor, bool]]]" = weakref.WeakKeyDictionary()
+# model (loaded with one processor; its dtype and device) -> {processed (height, width): (the all-grey pixel
+# tensor, whether greying is pixel-local)}
+_GREYING: "weakref.WeakKeyDictionary[Any, dict[tuple[int, int], tuple[torch.Tensor, bool]]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def _pixel_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
