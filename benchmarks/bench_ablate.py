@@ -41,7 +41,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from vlmrel_core.data.loader import load_vqa_jsonl
+    from vlmrel_core.data.loader import load_images, load_vqa_jsonl
     from vlmrel_core.engine.loading import load_vlm
     from vlmrel_core.interventions import ablation, study
     from vlmrel_core.samples.catalog import sample_catalog
@@ -51,7 +51,7 @@ def main() -> None:
     probe = ablation.load_ablation_probe(catalog.report_probe_dir("late_fusion", "adversarial"), loaded)
     samples = load_vqa_jsonl(catalog.dataset("adversarial"))
     samples = samples if args.full else samples[: args.n]
-    images = [s.load_image() for s in samples]
+    images = load_images(samples)  # as `vlmrel ablate` decodes them: each file once
     n = len(samples)
     print(f"{n} questions, layer {probe.layer}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
           f"cores {os.cpu_count()}, load (1/5/15 min): {_load()}")

@@ -47,8 +47,7 @@ def _child(args: argparse.Namespace) -> None:
     from vlmrel_core.allocator import keep_freed_memory
     from vlmrel_core.engine.extract import extract
 
-    if args.malloc == "cli":
-        keep_freed_memory()
+    malloc_set = keep_freed_memory() if args.malloc == "cli" else False
     from vlmrel_core.engine.loading import load_vlm
 
     loaded = load_vlm(args.model, attn_implementation="eager" if args.attentions else "sdpa")
@@ -61,7 +60,7 @@ def _child(args: argparse.Namespace) -> None:
                 max_new_tokens=args.max_new_tokens)
         seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"questions": args.child, "peak_rss_mb": round(peak_kb / 1024, 1),
+    print(json.dumps({"questions": args.child, "malloc_thresholds_set": malloc_set, "peak_rss_mb": round(peak_kb / 1024, 1),
                       "rss_after_model_load_mb": round(after_load_kb / 1024, 1), "seconds": round(seconds, 1)}))
 
 

@@ -15,10 +15,15 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 @pytest.mark.parametrize("environ", [
     {"VLMREL_KEEP_FREED_MEMORY": "0"}, {"MALLOC_TRIM_THRESHOLD_": "0"}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
-    {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+    {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.arena_max=2"},
 ])
 def test_user_settings_and_the_opt_out_are_left_alone(environ):
     assert keep_freed_memory(environ) is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_tunables_of_other_glibc_parts_do_not_turn_it_off():
+    assert keep_freed_memory({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}) is True
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")

@@ -15,9 +15,9 @@ QUESTIONS = ["is there a red circle in the image?", "what objects are in the ima
 
 
 def _generate(loaded, inputs, max_new_tokens, cache=None):
-    from vlmrel_core.engine.prefix_sharing import CACHE_KWARG
+    from vlmrel_core.engine.greedy import cache_kwarg
 
-    extra = {CACHE_KWARG: cache} if cache is not None else {}
+    extra = {cache_kwarg(): cache} if cache is not None else {}
     return loaded.model.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
 

@@ -113,3 +113,11 @@ def test_the_ablate_and_extract_paths_import_no_scikit_learn():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_engine_loading_imports_no_transformers():
+    """`load_vlm` answers a bad model path before importing transformers (seconds): its module must not pull it in."""
+    code = "import sys\nimport vlmrel_core.engine.loading, vlmrel_core.engine.run\nprint('transformers' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"

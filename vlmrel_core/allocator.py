@@ -9,7 +9,7 @@ guide recommends the same effect through jemalloc or tcmalloc; this needs no ext
 same (`benchmarks/bench_memory.py`); memory freed after the peak stays with the process until it exits.
 
 `keep_freed_memory` runs once at the start of the `vlmrel` CLI. It changes nothing where the user already tuned
-malloc (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``GLIBC_TUNABLES`` set), with
+malloc (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or a ``glibc.malloc.`` tunable), with
 ``VLMREL_KEEP_FREED_MEMORY=0``, or off glibc (macOS, Windows, musl).
 """
 
@@ -23,15 +23,18 @@ import platform
 #: glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+#: Blocks above it are mapped on their own; glibc before ~2.35 refuses more than 32 MiB, which is then used.
 MMAP_THRESHOLD_BYTES = 64 * 2**20
+_OLDER_GLIBC_MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory(environ: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
     """Fix glibc malloc's mmap and trim thresholds for this process; True where applied (see the module doc)."""
     env = os.environ if environ is None else environ
-    if env.get("VLMREL_KEEP_FREED_MEMORY", "1").strip() == "0" or any(name in env for name in _USER_SETTINGS):
+    if (env.get("VLMREL_KEEP_FREED_MEMORY", "1").strip() == "0" or any(name in env for name in _USER_SETTINGS)
+            or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -42,4 +45,6 @@ def keep_freed_memory(environ: "os._Environ[str] | dict[str, str] | None" = None
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the mmap threshold first: setting either one turns glibc's adaptive thresholds off
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) or mallopt(_M_MMAP_THRESHOLD, _OLDER_GLIBC_MMAP_THRESHOLD_BYTES)):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -18,7 +18,7 @@ from PIL import Image
 from vlmrel_core import __version__
 from vlmrel_core.engine.answers import NormalizationMode, is_correct, normalize_answer
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
-from vlmrel_core.data.loader import VQASample, dataset_hash, load_vqa_jsonl
+from vlmrel_core.data.loader import VQASample, dataset_hash, load_images, load_vqa_jsonl
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.prefix_sharing import ImagePrefixCache, configured_max_bytes, image_grouped_batches
 from vlmrel_core.engine.run import BatchRecord, run_batch
@@ -207,10 +207,9 @@ class _ShardWork:
     share_image_prefix: bool = True
 
     def _batch(
-        self, batch: Sequence[VQASample], prefix_cache: ImagePrefixCache | None
+        self, batch: Sequence[VQASample], images: list[Image.Image], prefix_cache: ImagePrefixCache | None
     ) -> tuple[list[dict], dict[str, np.ndarray]]:
-        """One batch's rows and tensors."""
-        images = [s.load_image() for s in batch]
+        """One batch's rows and tensors (``images``: its samples' decoded images)."""
         record = run_batch(
             self.loaded, images, [s.question for s in batch], self.layers, self.poolings, self.attentions,
             max_new_tokens=self.max_new_tokens, normalization=self.normalization, prefix_cache=prefix_cache,
@@ -234,8 +233,11 @@ class _ShardWork:
             for chunk in chunks:
                 if prefix_cache is not None:
                     prefix_cache.clear()  # a new chunk of images: the earlier chunks' prefixes are not needed again
+                rows_of_chunk = [i for indices in chunk for i in indices]  # each image file decoded once per chunk
+                decoded = dict(zip(rows_of_chunk, load_images([shard_samples[i] for i in rows_of_chunk])))
                 for indices in chunk:
-                    rows, tensors = self._batch([shard_samples[i] for i in indices], prefix_cache)
+                    rows, tensors = self._batch([shard_samples[i] for i in indices], [decoded[i] for i in indices],
+                                                prefix_cache)
                     shard_rows.extend(rows)
                     tensor_parts.append(tensors)
                     order.extend(indices)

@@ -12,6 +12,7 @@ does what greedy `generate` does: the same position ids, the same padding of fin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,16 @@ _NEUTRAL_FIELDS = frozenset({
     "decoder_start_token_id", "temperature", "top_k", "top_p", "typical_p", "min_p", "_from_model_config",
     "transformers_version",
 })
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The model's and `generate`'s keyword for a KV cache to continue from: `cache` where transformers renamed it
+    (its outputs carry a `cache` field), `past_key_values` before. Asked on first use, not at import: importing
+    transformers' generation code takes seconds, and `engine.loading` answers a bad path before that."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
 
 
 @dataclass
@@ -59,8 +70,6 @@ def greedy_generate(
     only the tokens after it are run, as `generate` does with a passed cache)."""
     from transformers import DynamicCache
 
-    from vlmrel_core.engine.prefix_sharing import CACHE_KWARG
-
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if cache is None:
         cache = DynamicCache(config=model.config)
@@ -69,11 +78,13 @@ def greedy_generate(
     step_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     step_inputs.update(input_ids=input_ids[:, past:], position_ids=position_ids[:, past:])
     eos = _eos_ids(model, input_ids.device)
-    pad = torch.tensor(pad_token_id if pad_token_id is not None else 0, device=input_ids.device)
+    if pad_token_id is None:  # as `generate`: finished rows are padded with the first end-of-sequence id
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    pad = torch.tensor(pad_token_id, device=input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     sequences, logits = input_ids, []
     for step in range(max_new_tokens):
-        outputs = model(**step_inputs, attention_mask=mask, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+        outputs = model(**step_inputs, attention_mask=mask, use_cache=True, logits_to_keep=1, **{cache_kwarg(): cache})
         step_logits = outputs.logits[:, -1].to(dtype=torch.float32, copy=True)
         logits.append(step_logits)
         tokens = torch.where(unfinished, step_logits.argmax(dim=-1), pad)

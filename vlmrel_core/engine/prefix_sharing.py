@@ -40,16 +40,6 @@ def configured_max_bytes() -> int:
 _TEXT_KEYS = ("input_ids", "attention_mask")
 
 
-def _cache_kwarg() -> str:
-    """`generate`'s name for a KV cache to continue from: `cache` where transformers renamed it (its outputs carry a
-    `cache` field), `past_key_values` before."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
-
-
-CACHE_KWARG = _cache_kwarg()
-
 
 @dataclass(frozen=True)
 class CachedPrefix:
@@ -86,6 +76,11 @@ class ImagePrefixCache:
         with self._lock:
             self._entries.clear()
             self.nbytes = 0
+
+    def count_hits(self, n: int) -> None:
+        """``n`` more rows answered from kept prefixes (under the lock: threads share a model's cache)."""
+        with self._lock:
+            self.hits += n
 
     def get(self, key: bytes, layers: Sequence[int]) -> CachedPrefix | None:
         """The kept prefix, if it has token sums for every layer asked (else the row runs in full and replaces it)."""
@@ -267,30 +262,29 @@ def plan_calls(
 ) -> None:
     """Run every row once: first, in one call, the rows whose prefix is new (one per image) or not shareable, which
     keep their prefixes; then, grouped by prefix length, the rows whose prefix is kept (earlier calls or this one).
-    A prefix the budget could not keep sends its next row to a full call."""
-    pending = list(range(len(prefixes)))
-    while pending:
-        seen: set[bytes] = set()
-        full = []
-        for row in pending:
-            prefix = prefixes[row]
-            if prefix is None or (prefix.key not in seen and cache.get(prefix.key, layers) is None):
-                full.append(row)
-                if prefix is not None:
-                    seen.add(prefix.key)
-        if full:
-            run_full(full)
-        ran = set(full)
-        pending = [row for row in pending if row not in ran]
-        found = {row: cache.get(prefixes[row].key, layers) for row in pending}
-        by_length: dict[int, list[int]] = {}
-        for row, entry in found.items():
-            if entry is not None:
-                by_length.setdefault(entry.length, []).append(row)
-        for rows in by_length.values():
-            run_shared(rows, [found[row] for row in rows])
-            cache.hits += len(rows)
-        pending = [row for row in pending if found[row] is None]
+    Rows whose prefix the budget could not keep run together in one more full call (not one call per image, which
+    a budget of one large prefix would otherwise cause)."""
+    full: list[int] = []
+    seen: set[bytes] = set()
+    for row, prefix in enumerate(prefixes):
+        if prefix is None or (prefix.key not in seen and cache.get(prefix.key, layers) is None):
+            full.append(row)
+            if prefix is not None:
+                seen.add(prefix.key)
+    if full:
+        run_full(full)
+    ran = set(full)
+    found = {row: cache.get(prefixes[row].key, layers) for row in range(len(prefixes)) if row not in ran}
+    by_length: dict[int, list[int]] = {}
+    for row, entry in found.items():
+        if entry is not None:
+            by_length.setdefault(entry.length, []).append(row)
+    for rows in by_length.values():
+        run_shared(rows, [found[row] for row in rows])
+        cache.count_hits(len(rows))
+    missed = [row for row, entry in found.items() if entry is None]
+    if missed:
+        run_full(missed)
 
 
 def image_grouped_batches(samples: Sequence[Any], batch_size: int) -> list[list[list[int]]]:

@@ -19,11 +19,11 @@ from PIL import Image
 from vlmrel_core.engine.adapters.base import AnswerTokens, ImageGridUnavailable
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.capture import PrefixSums, SharedPrefix, TokenLayout, active_intervention_owners, capture
-from vlmrel_core.engine.greedy import GreedyOutput, greedy_generate
+from vlmrel_core.engine.greedy import cache_kwarg, greedy_generate
 from vlmrel_core.engine.layers import POOLINGS, resolve_layers
 from vlmrel_core.engine.loading import LoadedVLM
 from vlmrel_core.engine.prefix_sharing import (
-    CACHE_KWARG, CachedPrefix, ImagePrefixCache, kept_prefixes, plan_calls, prefix_spans, row_prefixes, select_rows,
+    CachedPrefix, ImagePrefixCache, kept_prefixes, plan_calls, prefix_spans, row_prefixes, select_rows,
     shared_call,
 )
 from vlmrel_core.signals.output import output_signals
@@ -126,6 +126,21 @@ def _soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def batch_inputs(loaded: LoadedVLM, images: Sequence[Image.Image], questions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The model inputs of a batch: validated RGB images, validated questions in the family's prompt, one processor
+    call (under the model's processor lock), on the model's device, pixels in its dtype."""
+    rgb_images = [_as_rgb(i) for i in images]
+    max_tokens = question_token_limit(loaded)
+    with loaded.processor_lock:
+        # user text is validated and its special-token strings neutralised: it is only ever read as text
+        prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
+        inputs = loaded.adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    return inputs
+
+
 def run_batch(
     loaded: LoadedVLM,
     images: Sequence[Image.Image],
@@ -146,8 +161,7 @@ def run_batch(
     (`adapter.reusable_prefill`), for gray-zone sampling without a second prefill. ``prefix_cache``: questions
     about an image whose prompt prefix is kept there run only their own tokens (`prefix_sharing`; families with
     `adapter.shareable_image_prefix`); new prefixes are kept for later rows and calls. ``inputs``: this batch's model
-    inputs already built from these images and questions (`interventions.live_fast.prepare_batch`: the same
-    validation, prompt and processor call), which are then not built again."""
+    inputs already built from these images and questions (`batch_inputs`), which are then not built again."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     if not questions:
@@ -155,15 +169,7 @@ def run_batch(
     adapter, model = loaded.adapter, loaded.model
     t0 = time.perf_counter()
     if inputs is None:
-        rgb_images = [_as_rgb(i) for i in images]
-        max_tokens = question_token_limit(loaded)
-        with loaded.processor_lock:
-            # user text is validated and its special-token strings neutralised: it is only ever read as text
-            prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
-            inputs = adapter.prepare_inputs(loaded.processor, rgb_images, prompts)
-        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+        inputs = batch_inputs(loaded, images, questions)
     elif inputs["input_ids"].shape[0] != len(questions):
         raise ValueError(f"inputs for {inputs['input_ids'].shape[0]} rows, {len(questions)} questions")
     layout = TokenLayout.from_inputs(inputs["input_ids"], inputs.get("attention_mask"), adapter.image_token_id(model))
@@ -215,7 +221,7 @@ def _run_pass(
         else:
             generated = model.generate(
                 **inputs,
-                **({CACHE_KWARG: past} if past is not None else {}),
+                **({cache_kwarg(): past} if past is not None else {}),
                 max_new_tokens=options.max_new_tokens,
                 do_sample=False,
                 output_logits=True,
@@ -278,7 +284,9 @@ def _run_sharing(
         shift = inputs["input_ids"].shape[1] - chosen["input_ids"].shape[1]
         row_layout = TokenLayout.from_inputs(chosen["input_ids"], chosen.get("attention_mask"), image_token_id)
         chosen_prefixes = [prefixes[r] for r in rows]
-        done = _run_pass(loaded, chosen, row_layout, options, sums=prefix_spans(row_layout, chosen_prefixes, shift))
+        sums = (prefix_spans(row_layout, chosen_prefixes, shift)  # token sums only where a prefix can be kept
+                if any(prefix is not None for prefix in chosen_prefixes) else None)
+        done = _run_pass(loaded, chosen, row_layout, options, sums=sums)
         for prefix, entry in zip(chosen_prefixes, kept_prefixes(done.cache, chosen_prefixes, shift, done.prefix_sums)):
             if prefix is not None and entry is not None:
                 prefix_cache.put(prefix.key, entry)
@@ -292,13 +300,13 @@ def _run_sharing(
     plan_calls(prefixes, prefix_cache, options.layers, run_full, run_shared)
     if len(parts) == 1:
         return parts[0][1]
-    merged = _merge_records(parts, len(prefixes))
+    merged = _merge_records(parts)
     if options.keep_prefill and all(record.prefill is not None for _, record in parts):
         merged.prefill = PrefillParts([(rows, record.prefill) for rows, record in parts])
     return merged
 
 
-def _merge_records(parts: list[tuple[list[int], BatchRecord]], n: int) -> BatchRecord:
+def _merge_records(parts: list[tuple[list[int], BatchRecord]]) -> BatchRecord:
     """One record in batch order from records of row subsets (``parts``: (batch rows, record))."""
     order = [row for rows, _ in parts for row in rows]
     back = np.argsort(np.asarray(order))  # position in the concatenation of each batch row
@@ -329,9 +337,7 @@ def _merge_records(parts: list[tuple[list[int], BatchRecord]], n: int) -> BatchR
 
 
 def _generated_cache(generated: Any) -> Any:
-    """The generate output's KV cache (`cache` in newer transformers, `past_key_values` before)."""
-    if isinstance(generated, GreedyOutput):
-        return generated.cache
+    """The generate (or `GreedyOutput`) output's KV cache (`cache` in newer transformers, `past_key_values` before)."""
     cache = getattr(generated, "cache", None)
     return cache if cache is not None else getattr(generated, "past_key_values", None)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from vlmrel_core.engine.answers import NormalizationMode
 from vlmrel_core.engine.loading import LoadedVLM
-from vlmrel_core.engine.prefix_sharing import CACHE_KWARG as _CACHE_KWARG
+from vlmrel_core.engine.greedy import cache_kwarg
 from vlmrel_core.engine.run import Prefill, _as_rgb, _generated_cache
 from vlmrel_core.signals.consistency import SelfConsistencyConfig, agreement_rate, majority_answer
 
@@ -151,7 +151,7 @@ def _sample_with_shared_prefill(
     }
     if "token_type_ids" in inputs:  # PaliGemma: generated tokens are suffix (type 1)
         step_inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"].repeat(k, 1), ones.to(inputs["token_type_ids"].dtype)], dim=1)
-    rest = model.generate(**step_inputs, **{_CACHE_KWARG: cache}, do_sample=True, temperature=float(config.temperature),
+    rest = model.generate(**step_inputs, **{cache_kwarg(): cache}, do_sample=True, temperature=float(config.temperature),
                           top_p=float(config.top_p), top_k=0, max_new_tokens=max_new_tokens - 1,
                           pad_token_id=tokenizer.pad_token_id)
     tokens = rest[:, inputs["input_ids"].shape[1]:]

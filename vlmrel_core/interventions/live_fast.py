@@ -36,11 +36,11 @@ from PIL import Image
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS
 from vlmrel_core.engine.greedy import greedy_generate
 from vlmrel_core.engine.layers import resolve_layers
+from vlmrel_core.engine.run import _final_logit_softcap, _soft_capped
+from vlmrel_core.engine.run import batch_inputs as prepare_batch  # the inputs `run_batch` builds (re-exported)
 from vlmrel_core.interventions.ablation import activate_intervention, intervention_active
 from vlmrel_core.interventions.masking import GREY, cell_edges, grey_cells
 from vlmrel_core.signals.output import output_signals
-from vlmrel_core.validation.images import load_image
-from vlmrel_core.validation.questions import prepare_question, question_token_limit
 
 #: Residual streams kept per model at most (all layers, all batches); above it dimension masks take the full pass.
 DEFAULT_RESIDUAL_BUDGET_BYTES = 512 * 2**20
@@ -58,19 +58,6 @@ class KeptBatch:
     pixels_greyable: bool | None = None  # greying pixel_values equals greying the image (checked on first use)
     grey_checked: bool = False
     grey_fill: torch.Tensor | None = None  # the processed value of an all-grey image, (3, H, W)
-
-
-def prepare_batch(loaded: Any, images: Sequence[Image.Image], questions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The model inputs `engine.run.run_batch` builds for this batch (same validation, prompt and processor call)."""
-    rgb = [load_image(image).image for image in images]
-    max_tokens = question_token_limit(loaded)
-    with loaded.processor_lock:
-        prompts = [prepare_question(q, loaded.processor, max_tokens) for q in questions]
-        inputs = loaded.adapter.prepare_inputs(loaded.processor, rgb, prompts)
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
-    return inputs
 
 
 @contextmanager
@@ -107,14 +94,10 @@ def residual_bytes(inputs: dict[str, torch.Tensor], loaded: Any) -> int:
     return b * s * int(loaded.hidden_size) * n_layers * torch.finfo(loaded.model.dtype).bits // 8
 
 
-def _softcap(loaded: Any) -> float | None:
-    return getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
-
-
 def can_resume(loaded: Any, kept: KeptBatch) -> bool:
     """Dimension masks can skip the layers before theirs: the layer outputs were kept, and the logits need no
     soft-capping (which `run_batch` applies on top of the model's own; the full pass keeps that exact)."""
-    return bool(kept.layer_outputs) and not _softcap(loaded)
+    return bool(kept.layer_outputs) and not _final_logit_softcap(loaded)
 
 
 def resumed_logits(
@@ -153,8 +136,7 @@ def first_token_logits(loaded: Any, inputs: dict[str, torch.Tensor]) -> tuple[to
                                               return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
     logits = generated.logits[0].float()
     tokens = generated.sequences[:, -1].cpu().numpy()  # the chosen token (after any logits processor of generate's)
-    cap = _softcap(loaded)
-    return (torch.tanh(logits / cap) * cap if cap else logits), tokens
+    return _soft_capped(logits, _final_logit_softcap(loaded)), tokens
 
 
 def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image], masks: Sequence[np.ndarray]) -> torch.Tensor:
@@ -174,6 +156,9 @@ def grey_pixel_values(loaded: Any, kept: KeptBatch, images: Sequence[Image.Image
     known = _GREYING.setdefault(loaded.model, {})
     if kept.grey_fill is None:
         kept.grey_fill, verdict = known.get((height, width), (None, None))
+        if verdict is False:  # this size was found not pixel-local: re-process, as the check would conclude
+            kept.pixels_greyable = False
+            return _processed_pixels(loaded, [grey_cells(image, mask) for image, mask in zip(images, masks)])
         if kept.grey_fill is None:
             kept.grey_fill = _processed_pixels(loaded, [Image.new("RGB", (width, height), GREY)])[0]
         kept.grey_checked = verdict is True

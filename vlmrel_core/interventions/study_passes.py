@@ -34,7 +34,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 from PIL import Image
 
-from vlmrel_core.data.loader import VQASample
+from vlmrel_core.data.loader import VQASample, load_images
 from vlmrel_core.engine.answers import is_correct
 from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.engine.run import run_batch
@@ -134,7 +134,7 @@ def evaluate_pass(
     with context() if context is not None else nullcontext():
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            batch_images = list(images[start : start + batch_size]) if images is not None else [s.load_image() for s in batch]
+            batch_images = list(images[start : start + batch_size]) if images is not None else load_images(batch)
             _batch_pass(loaded, batch, batch_images, into, max_new_tokens, mean_index)
     return into.result()
 

@@ -16,6 +16,7 @@ layout. H_s and `attention_entropy` therefore differ only by the 1e-9 smoothing 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -196,6 +197,7 @@ def top_cells_mask(grid: np.ndarray, top_quantile: float = 0.9) -> np.ndarray:
     return (m >= threshold) & (m > 0)
 
 
+@functools.lru_cache(maxsize=8)  # C_k runs per (sample, layer): build the element once per eps
 def _grid_neighbourhood(eps: float) -> np.ndarray | None:
     """The 3×3 structuring element of "within ``eps``" on an integer grid, or None outside (1, 2) or at eps = √2.
 
@@ -203,11 +205,11 @@ def _grid_neighbourhood(eps: float) -> np.ndarray | None:
     4-neighbourhood, √2 < eps < 2 the 8-neighbourhood (the default eps = 1.5).
     """
     squared = float(eps) * float(eps)
-    if 1.0 < squared < 2.0:
-        return ndimage.generate_binary_structure(2, 1)
-    if 2.0 < squared < 4.0:
-        return ndimage.generate_binary_structure(2, 2)
-    return None
+    if not (1.0 < squared < 2.0 or 2.0 < squared < 4.0):
+        return None
+    structure = ndimage.generate_binary_structure(2, 1 if squared < 2.0 else 2)
+    structure.setflags(write=False)  # shared by every call (cached)
+    return structure
 
 
 def cluster_count(grid: np.ndarray, top_quantile: float = 0.9, eps: float = 1.5, min_samples: int = 3) -> int:
