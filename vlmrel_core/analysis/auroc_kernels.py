@@ -46,6 +46,13 @@ def weighted_auroc_rows(labels: np.ndarray, scores: np.ndarray, weights: np.ndar
         return np.where(denominator > 0, numerator / denominator, np.nan)
 
 
+def weighted_auroc_gain_rows(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """AUROC(a) − AUROC(b) per weight row: the paired bootstrap replicate of a gain (row and group resampling)."""
+    return weighted_auroc_rows(labels, scores_a, weights) - weighted_auroc_rows(labels, scores_b, weights)
+
+
 def index_counts(indices: np.ndarray, n_units: int) -> np.ndarray:
     """(b, n_units) float multiplicities of each unit in each row of ``indices`` (b, m) (a resample's weights)."""
     block = indices.shape[0]

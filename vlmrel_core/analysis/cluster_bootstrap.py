@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 
-from vlmrel_core.analysis.auroc_kernels import index_counts, weighted_auroc_rows
+from vlmrel_core.analysis.auroc_kernels import index_counts, weighted_auroc_gain_rows, weighted_auroc_rows
 from vlmrel_core.analysis.metrics import (
     Estimate, bootstrap_replicates, labels_and_scores, percentile_interval, require_both_classes,
 )
@@ -75,9 +75,7 @@ def grouped_auroc_gain_ci(
     require_both_classes(labels, "AUROC")
     index, n_groups = _group_index(groups, labels.size)
 
-    def gain(weights: np.ndarray) -> np.ndarray:
-        return weighted_auroc_rows(labels, scores_a, weights) - weighted_auroc_rows(labels, scores_b, weights)
-
-    replicates = _group_bootstrap(index, n_groups, gain, n_boot, seed)
+    replicates = _group_bootstrap(index, n_groups, lambda w: weighted_auroc_gain_rows(labels, scores_a, scores_b, w),
+                                  n_boot, seed)
     value = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
     return Estimate(value, *percentile_interval(replicates, alpha))

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vlmrel_core.analysis.auroc_kernels import (  # auroc_rows: re-exported (its home before auroc_kernels)
-    auroc_rows, index_counts, resampled_auroc_rows, weighted_auroc_rows,
+    auroc_rows, index_counts, resampled_auroc_rows, weighted_auroc_gain_rows,
 )
 
 BinStrategy = Literal["uniform", "quantile"]
@@ -222,7 +222,7 @@ def auroc_gain_ci(
 
     def gain_rows(idx: np.ndarray) -> np.ndarray:
         counts = index_counts(idx, labels.size)  # a resample as row multiplicities (bit-identical to ranking it)
-        return weighted_auroc_rows(labels, scores_a, counts) - weighted_auroc_rows(labels, scores_b, counts)
+        return weighted_auroc_gain_rows(labels, scores_a, scores_b, counts)
 
     replicates = bootstrap_replicates(labels.size, gain_rows, n_boot, seed)
     gain = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from vlmrel_core.validation.errors import InputError
 from vlmrel_core import __version__
-from vlmrel_core.analysis.metrics import as_binary_labels, auroc_rows, require_both_classes
+from vlmrel_core.analysis.auroc_kernels import auroc_rows
+from vlmrel_core.analysis.metrics import as_binary_labels, require_both_classes
 from vlmrel_core.analysis.splits import Split, SplitSpec, group_keys, grouped_folds, labels_of, make_split
 from vlmrel_core.engine.store import RunManifest, RunReader
 from vlmrel_core.io import atomic_write_text

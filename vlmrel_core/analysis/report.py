@@ -27,8 +27,8 @@ import pandas as pd
 from vlmrel_core.analysis.claims import Claim, make_claim
 from vlmrel_core.analysis.controls import N_PERMUTATIONS, ControlSuite, ScoredSignal, evaluate_scores, run_controls
 from vlmrel_core.analysis.ensemble import EnsembleResult, fit_ensembles
-from vlmrel_core.analysis.layer_signals import (  # OUTPUT_SIGNALS, RawSignal: re-exported (their home was here)
-    AS_IS, FITTED, NEGATED, OUTPUT_SIGNALS, RawSignal, attention_signal_arrays, layer_signal_table, raw_signals,
+from vlmrel_core.analysis.layer_signals import (
+    AS_IS, FITTED, NEGATED, attention_signal_arrays, layer_signal_table, raw_signals,
 )
 from vlmrel_core.analysis.probes import DEFAULT_C_GRID
 from vlmrel_core.analysis.splits import GROUPINGS, SplitError, SplitSpec, make_split
@@ -438,13 +438,14 @@ def _build_in_workers(
     transfer table, which needs only the image sweeps. Each task is a pure function of its arguments, so the
     numbers equal the in-process build's.
     """
-    sizes = [len(RunReader(d).rows) for d in dirs]
+    readers = [RunReader(d) for d in dirs]
+    sizes = [len(reader.rows) for reader in readers]
     inputs = run_tasks(_run_inputs, [(d, test_fraction, options["seed"], GROUPINGS) for d in dirs], n_jobs,
                        cost=sizes, progress=scaled(progress, 0.0, 0.1), stage="attention features")
     per_run = [_grouping_tasks(i, options) for i in inputs]
     sweep_tasks, sweep_costs, sweep_keys = [], [], []
     for r, (run_dir, tasks) in enumerate(zip(dirs, per_run)):
-        poolings = options["poolings"] if options["poolings"] is not None else RunReader(run_dir).manifest.poolings
+        poolings = options["poolings"] if options["poolings"] is not None else readers[r].manifest.poolings
         for t, task in enumerate(tasks):
             for pooling in poolings:
                 sweep_tasks.append((str(run_dir), task[3], pooling, options))
