@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from vlmrel_core.cli.args import bounded_int
-from vlmrel_core.progress import tqdm_progress
+from vlmrel_core.cli.progress_bar import command_progress
 
 
 def _c_grid(text: str) -> tuple[float, ...]:
@@ -50,7 +50,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from vlmrel_core.engine.store import RunReader
 
     reader = RunReader(args.run_dir)
-    with tqdm_progress("vlmrel sweep", unit="probe") as progress:
+    with command_progress("vlmrel sweep", unit="probe") as progress:
         sweep = sweep_layers(reader, _poolings(args.poolings),
                              SplitSpec(args.grouping, args.test_fraction, 0.0, args.seed),
                              seed=args.seed, n_boot=args.n_boot, c_grid=_c_grid_or_default(args), progress=progress)
@@ -72,7 +72,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from vlmrel_core.analysis.report import build_report
     from vlmrel_core.analysis.report_io import write_report
 
-    with tqdm_progress("vlmrel report", unit="step") as progress:
+    with command_progress("vlmrel report", unit="step") as progress:
         report = build_report(args.run_dirs, seed=args.seed, n_boot=args.n_boot, test_fraction=args.test_fraction,
                               poolings=_poolings(args.poolings), ensemble_k=args.ensemble_k, c_grid=_c_grid_or_default(args),
                               transfer=not args.no_transfer, n_permutations=args.n_permutations, n_jobs=args.n_jobs,

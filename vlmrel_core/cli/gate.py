@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmrel_core.io import json_default
-from vlmrel_core.progress import tqdm_progress
+from vlmrel_core.cli.progress_bar import command_progress
 
 DEFAULT_RISK_TARGET = 0.1
 EXIT_DRIFT_ALERT = 3
@@ -79,13 +79,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     if parallel is not None:
         from vlmrel_core.gate.batch import gate_dataset_parallel
 
-        with tqdm_progress(f"gate rank {parallel.rank}/{parallel.world_size}", unit="q") as progress:
+        with command_progress(f"gate rank {parallel.rank}/{parallel.world_size}", unit="q") as progress:
             merged = gate_dataset_parallel(gate, requests, args.out, parallel, batch_size=args.batch_size,
                                            progress=progress)
         if merged is not None:  # rank 0 merged the ranks' decisions and reports them
             print(_json({"out": str(args.out), "num_processes": parallel.world_size, **merged.summary()}))
         return 0
-    with tqdm_progress("gate", unit="q") as progress:
+    with command_progress("gate", unit="q") as progress:
         result = gate_dataset(gate, requests, batch_size=args.batch_size, progress=progress)
     out = write_decisions_jsonl(result, args.out)
     print(_json({"out": str(out), **result.summary()}))
@@ -114,7 +114,7 @@ def _cmd_build_gate(args: argparse.Namespace) -> int:
     risk_target = args.risk_target
     if risk_target is None and args.threshold is None:
         risk_target = DEFAULT_RISK_TARGET
-    with tqdm_progress("build-gate", unit="step") as progress:
+    with command_progress("build-gate", unit="step") as progress:
         build = build_gate_from_run(
             args.run_dir, args.out, layer=args.layer, pooling=args.pooling, threshold=args.threshold,
             risk_target=risk_target, delta=args.delta, calibration_method=args.calibration_method,
@@ -154,7 +154,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     from vlmrel_core.gate.drift_runs import drift_between_runs
 
     components = load_gate_components(args.config)
-    with tqdm_progress("drift", unit="step") as progress:
+    with command_progress("drift", unit="step") as progress:
         result = drift_between_runs(components, args.reference, args.current, recalibrate_on_alert=args.recalibrate,
                                     seed=args.seed, progress=progress)
     recal = result.get("recalibration")
@@ -169,7 +169,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 def _cmd_shift_report(args: argparse.Namespace) -> int:
     from vlmrel_core.gate.shift_report import shift_report, write_shift_report
-    from vlmrel_core.progress import tqdm_progress
+    from vlmrel_core.cli.progress_bar import command_progress
 
     shifts = {}
     for item in args.shift:
@@ -177,7 +177,7 @@ def _cmd_shift_report(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--shift expects NAME=RUN_DIR, got {item!r}")
         shifts[name] = path
-    with tqdm_progress("shift report") as progress:
+    with command_progress("shift report") as progress:
         result = shift_report(args.config, args.training_run, args.in_domain, shifts, n_windows=args.windows,
                               n_shift_windows=args.shift_windows, alpha=args.alpha, seed=args.seed,
                               novelty_source=args.novelty_source, progress=progress)

@@ -26,7 +26,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from vlmrel_core.engine.loading import load_vlm
     from vlmrel_core.interventions.ablation import ablation_layers, load_ablation_probe
     from vlmrel_core.interventions.study import run_ablation_study, side_by_side
-    from vlmrel_core.progress import tqdm_progress
+    from vlmrel_core.cli.progress_bar import command_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,7 +50,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     layers, warnings = ablation_layers(probes, {n: m.n_layers for n, m in loaded_models.items()}, args.layer or [])
     for warning in warnings:
         print(f"vlmrel ablate: warning: {warning}", file=sys.stderr)
-    with tqdm_progress("vlmrel ablate", unit="pass") as progress:
+    with command_progress("vlmrel ablate", unit="pass") as progress:
         table = run_ablation_study(
             loaded_models, samples, layers, {n: p.weights for n, p in probes.items()}, ks=args.k,
             random_fraction=args.random_fraction or None, modes=args.mode,
