@@ -133,3 +133,21 @@ def test_shared_baseline_equals_a_fresh_baseline_per_condition(tiny_loaded, tiny
     with pytest.raises(ValueError, match="questions"):
         study.run_ablation_study(late, samples[:4], -1, weights, baselines={"model": shared},
                                  **{**options, "images": images[:4]})
+
+
+def test_every_models_inputs_are_checked_before_the_first_pass(tiny_loaded, tiny_dataset):
+    """A wrong weight vector, k or baseline for the second model fails before the first model's passes run."""
+    samples = load_vqa_jsonl(tiny_dataset)[:4]
+    late = tiny_loaded["late_fusion"]
+    calls = []
+    options = dict(n_boot=10, progress=lambda done, total, stage: calls.append(done))
+    right, wrong = np.arange(128, dtype=float), np.zeros(64)
+    two = {"first": late, "second": late}
+    with pytest.raises(ValueError, match="second: 64 probe weights for hidden size 128"):
+        study.run_ablation_study(two, samples, -1, {"first": right, "second": wrong}, **options)
+    with pytest.raises(ValueError, match=r"k must be an integer in 0\.\.128, got 500"):
+        study.run_ablation_study(two, samples, -1, right, ks=(5, 500), **options)
+    short = study.AblationBaseline(correct=np.ones(2, dtype=bool), answers=["yes", "no"])
+    with pytest.raises(ValueError, match="second: the given baseline has 2 questions"):
+        study.run_ablation_study(two, samples, -1, right, baselines={"second": short}, mask_fraction=None, **options)
+    assert calls == []  # not even the first progress report: nothing ran

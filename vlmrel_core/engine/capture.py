@@ -63,6 +63,11 @@ def active_intervention_owners() -> frozenset:
     return _INTERVENTIONS.get()
 
 
+def intervention_active(owner: object) -> bool:
+    """Whether ``owner``'s intervention is active in the calling thread's context (its hooks act only then)."""
+    return owner in _INTERVENTIONS.get()
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where things are in a (left- or right-) padded batch, derived from input_ids, never from fixed counts."""

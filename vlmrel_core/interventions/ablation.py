@@ -28,7 +28,7 @@ from torch import nn
 
 from vlmrel_core.analysis.probes import PROBE_TENSORS, Probe, ProbeError, load_probe
 from vlmrel_core.engine.adapters.base import AdapterError
-from vlmrel_core.engine.capture import activate_intervention_owner, active_intervention_owners
+from vlmrel_core.engine.capture import activate_intervention_owner, intervention_active
 from vlmrel_core.engine.layers import resolve_layers
 
 AblationMode = Literal["zero", "mean"]
@@ -36,16 +36,6 @@ ABLATION_MODES: tuple[str, ...] = ("zero", "mean")
 
 # Owners of the interventions active in the calling thread's context live in `engine.capture` (the engine must know
 # when a call is hooked: `run_batch` then neither reads nor keeps image prefixes).
-_activate_intervention = activate_intervention_owner
-
-
-def _intervention_active(owner: object) -> bool:
-    return owner in active_intervention_owners()
-
-
-#: For other interventions' per-call hooks (`live_fast.record_prefill`): the same thread-scoped owner set.
-activate_intervention = _activate_intervention
-intervention_active = _intervention_active
 
 
 # ------------------------------------------------------------------------------------------ dimension ablation
@@ -119,7 +109,7 @@ def ablate_dimensions(
     owner = object()
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if not _intervention_active(owner) or dim_index.numel() == 0:
+        if not intervention_active(owner) or dim_index.numel() == 0:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor):
@@ -137,7 +127,7 @@ def ablate_dimensions(
     # prepend: the ablation runs before any capture hook on the same layer, so captures see the ablated stream.
     handle = decoder_layers[index].register_forward_hook(hook, prepend=True)
     try:
-        with _activate_intervention(owner):
+        with activate_intervention_owner(owner):
             yield
     finally:
         handle.remove()

@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 
 from vlmrel_core.engine.answers import NO_WORDS, YES_WORDS
+from vlmrel_core.engine.capture import activate_intervention_owner, intervention_active
 from vlmrel_core.engine.greedy import greedy_generate
 from vlmrel_core.engine.layers import resolve_layers
 from vlmrel_core.engine.run import _final_logit_softcap, _soft_capped
 from vlmrel_core.engine.run import batch_inputs as prepare_batch  # the inputs `run_batch` builds (re-exported)
-from vlmrel_core.interventions.ablation import activate_intervention, intervention_active
 from vlmrel_core.interventions.masking import GREY, cell_edges, grey_cells
 from vlmrel_core.signals.output import output_signals
 
@@ -80,7 +80,7 @@ def record_prefill(loaded: Any, kept: KeptBatch, keep_outputs: bool) -> Iterator
 
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        with activate_intervention(owner):
+        with activate_intervention_owner(owner):
             yield
     finally:
         for handle in handles:

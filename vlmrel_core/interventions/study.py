@@ -204,40 +204,22 @@ def run_ablation_study(
     samples = list(samples)
     images = list(images) if images is not None else load_images(samples)
     types = [_question_type(s) for s in samples]
-    frames = []
-    passes = 1 + len(ks) * (len(modes) + n_random_draws) + (random_fraction is not None) + 3 * (mask_fraction is not None)
-    total = passes * len(names)
-    report(progress, 0, total, f"{names[0]}: baseline")
-    for m_index, name in enumerate(names):
-        model = models[name]
-        hidden = int(model.hidden_size)
-        (layer_index,) = resolve_layers(model.n_layers, [layers[name]])
-        w = np.asarray(weight_map[name], dtype=np.float64).reshape(-1)
-        if w.shape[0] != hidden:
-            raise ValueError(f"{name}: {w.shape[0]} probe weights for hidden size {hidden}")
-        for k in ks:
-            top_k_dimensions(w, k)  # validate every k before the expensive passes
+    # every model's conditions first: a bad k or weight vector of the second model fails before the first's passes
+    plans = {name: _conditions(name, models[name], layers[name], weight_map[name], ks, modes, n_random_draws,
+                               random_fraction, mask_fraction, seed) for name in names}
+    for name in names:
         given = (baselines or {}).get(name)
         if given is not None:
             _check_baseline(given, name, len(samples), mask_fraction is not None,
                             "mean" in modes and mean_map[name] is None)
-        # (condition, its table keys: condition, mode, k, n_dims, fraction, draw, layer), in the table's order
-        rows: list[tuple[StudyCondition, tuple[Any, ...]]] = []
-        for k in ks:
-            top = top_k_dimensions(w, k)
-            for mode in modes:
-                rows.append((_dims(top, mode, f"top_k k={k} {mode}"), ("top_k", mode, int(k), int(k), None, None, layer_index)))
-            for draw in range(n_random_draws):
-                dims = random_dimensions(hidden, k=int(k), seed=seed + 7919 * draw + 1, exclude=top)
-                rows.append((_dims(dims, "zero", f"random_k k={k} zero"), ("random_k", "zero", int(k), int(k), None, draw, layer_index)))
-        if random_fraction is not None:
-            dims = random_dimensions(hidden, fraction=random_fraction, seed=seed + 104729)
-            rows.append((_dims(dims, "zero", "random_fraction zero"),
-                         ("random_fraction", "zero", None, int(dims.size), float(random_fraction), None, layer_index)))
-        if mask_fraction is not None:
-            for which in MASK_WHICH:
-                rows.append((StudyCondition(which=which, label=f"mask_{which} grey"),
-                             (f"mask_{which}", "grey", None, None, float(mask_fraction), None, None)))
+    passes = 1 + len(next(iter(plans.values()))[1])  # the same conditions for every model
+    total = passes * len(names)
+    report(progress, 0, total, f"{names[0]}: baseline")
+    frames = []
+    for m_index, name in enumerate(names):
+        model = models[name]
+        layer_index, rows = plans[name]
+        given = (baselines or {}).get(name)
 
         def step(done: int, _total: int, stage: str = "", offset: int = m_index * passes, model_name: str = name) -> None:
             report(progress, offset + done, total, f"{model_name}: {stage}")
@@ -259,6 +241,36 @@ def run_ablation_study(
         table[column] = table[column].astype("Int64")
     table["fraction"] = table["fraction"].astype(float)
     return table
+
+
+def _conditions(
+    name: str, model: Any, layer: int, weights: np.ndarray, ks: Sequence[int], modes: Sequence[str], n_random_draws: int,
+    random_fraction: float | None, mask_fraction: float | None, seed: int,
+) -> tuple[int, list[tuple[StudyCondition, tuple[Any, ...]]]]:
+    """One model's resolved layer and its conditions in the table's order, each with its table keys (condition,
+    mode, k, n_dims, fraction, draw, layer)."""
+    hidden = int(model.hidden_size)
+    (layer_index,) = resolve_layers(model.n_layers, [layer])
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != hidden:
+        raise ValueError(f"{name}: {w.shape[0]} probe weights for hidden size {hidden}")
+    rows: list[tuple[StudyCondition, tuple[Any, ...]]] = []
+    for k in ks:
+        top = top_k_dimensions(w, k)
+        for mode in modes:
+            rows.append((_dims(top, mode, f"top_k k={k} {mode}"), ("top_k", mode, int(k), int(k), None, None, layer_index)))
+        for draw in range(n_random_draws):
+            dims = random_dimensions(hidden, k=int(k), seed=seed + 7919 * draw + 1, exclude=top)
+            rows.append((_dims(dims, "zero", f"random_k k={k} zero"), ("random_k", "zero", int(k), int(k), None, draw, layer_index)))
+    if random_fraction is not None:
+        dims = random_dimensions(hidden, fraction=random_fraction, seed=seed + 104729)
+        rows.append((_dims(dims, "zero", "random_fraction zero"),
+                     ("random_fraction", "zero", None, int(dims.size), float(random_fraction), None, layer_index)))
+    if mask_fraction is not None:
+        for which in MASK_WHICH:
+            rows.append((StudyCondition(which=which, label=f"mask_{which} grey"),
+                         (f"mask_{which}", "grey", None, None, float(mask_fraction), None, None)))
+    return layer_index, rows
 
 
 def ablation_baseline(
