@@ -266,6 +266,8 @@ def plan_calls(
     a budget of one large prefix would otherwise cause)."""
     full: list[int] = []
     seen: set[bytes] = set()
+    # asking the cache here also marks the prefixes this batch will use as recent, so the full call's new
+    # prefixes evict other images' first; they are asked again after it (it may still have evicted some)
     for row, prefix in enumerate(prefixes):
         if prefix is None or (prefix.key not in seen and cache.get(prefix.key, layers) is None):
             full.append(row)
