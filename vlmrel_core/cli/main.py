@@ -99,10 +99,12 @@ def _cmd_generate_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo_models(args: argparse.Namespace) -> int:
-    from vlmrel_core.demo_models.pipeline import train_demo_models
-
     import time
 
+    from vlmrel_core.collector import settle_startup_heap
+    from vlmrel_core.demo_models.pipeline import train_demo_models
+
+    settle_startup_heap()  # no progress bar of its own (the training processes log), so start-up ends here
     started = time.time()
     results = train_demo_models(args.out, families=args.families.split(","), steps=args.steps, parallel=not args.sequential)
     for result in results:
