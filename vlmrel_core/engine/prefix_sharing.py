@@ -128,6 +128,7 @@ def row_prefixes(inputs: dict[str, torch.Tensor], layout: TokenLayout) -> list[R
     per_row = {k: v for k, v in inputs.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
     if any(v.ndim == 0 or v.shape[0] != n for v in per_row.values()):
         return [None] * n  # e.g. Qwen2-VL's flattened patches: pixels cannot be told apart per row
+    per_row = {k: v.cpu() for k, v in per_row.items()}  # one copy per tensor, not one per row (GPU inputs)
     ids = inputs["input_ids"].cpu()
     real, image, last = layout.attention_mask.cpu(), layout.image_mask.cpu(), layout.last_index.cpu()
     prefixes: list[RowPrefix | None] = []
