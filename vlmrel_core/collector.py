@@ -1,4 +1,5 @@
-"""Python's cyclic garbage collector around one `vlmrel` command: no full collections during start-up, none at exit.
+"""Python's cyclic garbage collector around one `vlmrel` command: full collections deferred during start-up, none
+at exit.
 
 Why: importing torch, transformers and pandas and loading a model leaves well over a million long-lived container
 objects, and every full (generation-2) collection walks all of them. During the README `ablate`'s start-up that
