@@ -46,9 +46,9 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from vlmrel_core.allocator import keep_freed_memory
     from vlmrel_core.engine.extract import extract
+    from vlmrel_core.engine.loading import load_vlm
 
     malloc_set = keep_freed_memory() if args.malloc == "cli" else False
-    from vlmrel_core.engine.loading import load_vlm
 
     loaded = load_vlm(args.model, attn_implementation="eager" if args.attentions else "sdpa")
     after_load_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -57,3 +57,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         assert result.returncode == 0, result.stderr[-2000:]
         faults[mode] = int(result.stdout.strip().splitlines()[-1])
     assert faults["on"] * 5 < faults["off"], faults
+
+
+def test_only_the_process_entry_point_sets_malloc(monkeypatch, tmp_path):
+    """`cli()` (the `vlmrel` process) fixes malloc's thresholds; `main()` called inside another program does not."""
+    from vlmrel_core import allocator, collector
+    from vlmrel_core.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(collector, "defer_full_collections", lambda: None)  # this test process's collector stays
+    monkeypatch.setattr(collector, "skip_exit_collection", lambda: None)
+    assert cli_main.main(["info", str(tmp_path / "no_run")]) == 2
+    assert calls == []
+    assert cli_main.cli(["info", str(tmp_path / "no_run")]) == 2
+    assert calls == ["malloc"]

@@ -8,7 +8,7 @@ their own) and trim threshold (1 GiB), 0.15 million and 1.4 s, and ~10% less wal
 guide recommends the same effect through jemalloc or tcmalloc; this needs no extra library. Peak memory is the
 same (`benchmarks/bench_memory.py`); memory freed after the peak stays with the process until it exits.
 
-`keep_freed_memory` runs once at the start of the `vlmrel` CLI. It changes nothing where the user already tuned
+`keep_freed_memory` runs once at the start of a `vlmrel` process (`cli.main.cli`, not in-process `main()` calls). It changes nothing where the user already tuned
 malloc (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or a ``glibc.malloc.`` tunable), with
 ``VLMREL_KEEP_FREED_MEMORY=0``, or off glibc (macOS, Windows, musl).
 """

@@ -38,8 +38,7 @@ def defer_full_collections() -> None:
     if _saved_thresholds is not None:
         return
     _saved_thresholds = gc.get_threshold()
-    young, middle = _saved_thresholds[0], _saved_thresholds[1] if len(_saved_thresholds) > 1 else 10
-    gc.set_threshold(young, middle, _DEFERRED_FULL_THRESHOLD)
+    gc.set_threshold(*_saved_thresholds[:2], _DEFERRED_FULL_THRESHOLD)
 
 
 def settle_startup_heap() -> bool:

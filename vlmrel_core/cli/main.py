@@ -256,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlmrel_core.data.loader import DatasetError
     from vlmrel_core.engine.loading import ModelLoadError
     from vlmrel_core.engine.store import CacheError
-    from vlmrel_core.allocator import keep_freed_memory
 
-    keep_freed_memory()  # forward passes reuse freed memory instead of page-faulting it back (see allocator)
     try:
         return int(args.func(args) or 0)
     except (AdapterError, DatasetError, ModelLoadError, CacheError, ValueError) as err:
@@ -279,11 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The `vlmrel` process entry point (console script, ``python -m vlmrel_core.cli.main``, `accelerate launch`):
-    `main` with the process-wide collector policy of `vlmrel_core.collector` around it (full collections deferred
-    during start-up, none at exit; ~1.7 s of the README `ablate`). In-process callers use `main`, which leaves the
-    collector alone."""
+    `main` with the process-wide memory settings around it: malloc keeps freed memory for reuse
+    (`vlmrel_core.allocator`) and the garbage collector defers full collections during start-up and skips the one
+    at exit (`vlmrel_core.collector`; ~1.7 s of the README `ablate`). In-process callers use `main`, which leaves
+    both alone."""
+    from vlmrel_core.allocator import keep_freed_memory
     from vlmrel_core.collector import defer_full_collections, skip_exit_collection
 
+    keep_freed_memory()  # forward passes reuse freed memory instead of page-faulting it back
     defer_full_collections()
     try:
         return main(argv)
